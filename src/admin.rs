@@ -1,0 +1,211 @@
+//! The admin HTTP listener: metrics, liveness, readiness and the pools API.
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when ready, else 503 with the reason |
+//! | `GET /api/v1/pools` | JSON state of every pool and backend |
+//! | `POST /api/v1/pools/{pool}/active?backend=ADDR` | make ADDR the active backend of a `failback: manual` pool |
+//!
+//! It is served by pingora's HTTP server on its own single-threaded service.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::{Value, json};
+
+use crate::lifecycle::Readiness;
+use crate::metrics::{self, Metrics};
+use crate::pool::{MoveError, Pool};
+
+/// The admin application.
+pub struct AdminApp {
+    metrics: Arc<Metrics>,
+    pools: Vec<Arc<Pool>>,
+    readiness: Arc<Readiness>,
+}
+
+impl AdminApp {
+    /// Serve `metrics`, `readiness` and the state of `pools`.
+    pub fn new(metrics: Arc<Metrics>, pools: Vec<Arc<Pool>>, readiness: Arc<Readiness>) -> Self {
+        AdminApp {
+            metrics,
+            pools,
+            readiness,
+        }
+    }
+
+    /// Answer one request.
+    pub fn handle(&self, method: &Method, path: &str, query: Option<&str>) -> Response<Vec<u8>> {
+        let get = method == Method::GET || method == Method::HEAD;
+        match path {
+            "/metrics" if get => {
+                reply(StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.render())
+            }
+            "/healthz" if get => text(StatusCode::OK, "ok\n"),
+            "/readyz" if get => match self.readiness.check() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: {why}\n"),
+                ),
+            },
+            "/api/v1/pools" if get => json_reply(StatusCode::OK, &self.pools_json()),
+            "/metrics" | "/healthz" | "/readyz" | "/api/v1/pools" => method_not_allowed("GET"),
+            _ => match path
+                .strip_prefix("/api/v1/pools/")
+                .and_then(|r| r.strip_suffix("/active"))
+            {
+                Some(pool) if method == Method::POST => self.make_active(pool, query),
+                Some(_) => method_not_allowed("POST"),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
+        }
+    }
+
+    fn make_active(&self, pool: &str, query: Option<&str>) -> Response<Vec<u8>> {
+        let Some(p) = self.pools.iter().find(|p| p.name == pool) else {
+            return json_error(StatusCode::NOT_FOUND, &format!("no pool is named `{pool}`"));
+        };
+        let backend = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|kv| kv.strip_prefix("backend="))
+            .map(percent_decode);
+        let Some(backend) = backend else {
+            return json_error(StatusCode::BAD_REQUEST, "missing query parameter `backend`");
+        };
+        match p.make_active(&backend) {
+            Ok(()) => json_reply(StatusCode::OK, &pool_json(p)),
+            Err(e @ MoveError::UnknownBackend { .. }) => {
+                json_error(StatusCode::NOT_FOUND, &e.to_string())
+            }
+            Err(e) => json_error(StatusCode::CONFLICT, &e.to_string()),
+        }
+    }
+
+    fn pools_json(&self) -> Value {
+        let pools: serde_json::Map<String, Value> = self
+            .pools
+            .iter()
+            .map(|p| (p.name.clone(), pool_json(p)))
+            .collect();
+        json!({ "pools": pools })
+    }
+}
+
+fn pool_json(p: &Pool) -> Value {
+    let backends: Vec<Value> = p
+        .backends
+        .iter()
+        .map(|b| {
+            json!({
+                "address": b.address.as_str(),
+                "resolved": b.resolved().map(|a| a.to_string()),
+                "state": b.health().as_str(),
+                "up": b.health() == crate::pool::Health::Up,
+                "active": b.is_serving(),
+                "weight": b.weight,
+                "backup": b.backup,
+                "connections": b.metrics.connections_active.get(),
+            })
+        })
+        .collect();
+    let mut v = json!({
+        "mode": p.mode.as_str(),
+        "algorithm": p.algorithm.as_str(),
+        "ready": p.is_ready(),
+        "backends": backends,
+    });
+    if p.mode == crate::config::Mode::ActivePassive {
+        v["failback"] = json!(p.failback.as_str());
+    }
+    v
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = r.body().len();
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, len.into());
+    r
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Vec<u8>> {
+    reply(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes().to_vec(),
+    )
+}
+
+fn json_reply(status: StatusCode, v: &Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
+    json_reply(status, &json!({ "error": message }))
+}
+
+fn method_not_allowed(allow: &str) -> Response<Vec<u8>> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    if let Ok(v) = allow.parse() {
+        r.headers_mut().insert(http::header::ALLOW, v);
+    }
+    r
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        self.handle(&req.method, req.uri.path(), req.uri.query())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
+        assert_eq!(percent_decode("a+b%zz"), "a b%zz");
+    }
+}

@@ -1,0 +1,997 @@
+//! The YAML configuration: schema, defaults and validation.
+//!
+//! `Config::load` turns a file into validated, typed settings or into a list of
+//! every problem found, each named by its YAML path (`pools.web.health_check.rise`)
+//! and, where the parser knows it, its line and column. Nothing here binds or
+//! connects: `sluice -t` runs exactly this code.
+
+mod decode;
+mod locate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::Value;
+
+use decode::{Decoder, join};
+pub use locate::Location;
+use locate::Locations;
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/sluice.yaml";
+/// Default worker threads per listener.
+pub const DEFAULT_THREADS: usize = 1;
+/// Default time listeners keep accepting after SIGTERM.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(1);
+/// Default time open connections get to finish once listeners are closed.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default pid file (written in daemon mode).
+pub const DEFAULT_PID_FILE: &str = "/tmp/sluice.pid";
+/// Default socket used to hand listeners to a new process on upgrade.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/sluice_upgrade.sock";
+/// Default time allowed for a TCP connect to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default number of backends tried per client connection.
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
+/// Default time between health-check rounds.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Default limit for one health check.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive successes that mark a backend up.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default consecutive failures that mark a backend down.
+pub const DEFAULT_FALL: u32 = 3;
+
+/// The most backends one pool may hold (pingora's selector indexes with `u16`).
+const MAX_BACKENDS: usize = 4096;
+/// The shortest health-check interval, so a typo cannot make checks spin.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Process-wide settings.
+    pub server: ServerSettings,
+    /// The admin listener, if any.
+    pub admin: Option<AdminSettings>,
+    /// Listeners in file order.
+    pub listeners: Vec<ListenerSettings>,
+    /// Pools in file order.
+    pub pools: Vec<PoolSettings>,
+    /// Things that are valid but probably not what was meant.
+    pub warnings: Vec<String>,
+}
+
+/// The `server` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerSettings {
+    /// Worker threads per listener.
+    pub threads: usize,
+    /// After SIGTERM, how long listeners keep accepting before they close.
+    pub grace_period: Duration,
+    /// After listeners close, how long open connections may run before they are cut.
+    pub shutdown_timeout: Duration,
+    /// Pid file, written in daemon mode.
+    pub pid_file: String,
+    /// Unix socket used for graceful upgrades.
+    pub upgrade_sock: String,
+}
+
+/// The `admin` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminSettings {
+    /// Address of the admin HTTP listener.
+    pub bind: SocketAddr,
+}
+
+/// One entry of `listeners`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerSettings {
+    /// The listener's name (a metric label).
+    pub name: String,
+    /// Addresses to listen on.
+    pub bind: Vec<SocketAddr>,
+    /// Name of the pool connections are forwarded to.
+    pub pool: String,
+    /// Beyond this many open connections, new clients are refused.
+    pub max_connections: Option<usize>,
+    /// Close a connection when no byte has moved either way for this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How a pool spreads connections over its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Weighted round robin.
+    RoundRobin,
+    /// Fewest open connections relative to weight.
+    LeastConnections,
+    /// Weighted random.
+    Random,
+    /// Consistent hash of the client address.
+    SourceHash,
+}
+
+/// Whether all healthy backends serve, or one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every healthy non-backup backend takes connections.
+    ActiveActive,
+    /// Exactly one backend takes connections: the first healthy in list order.
+    ActivePassive,
+}
+
+/// What happens when a preferred backend recovers in `active_passive` mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failback {
+    /// Traffic returns to the earlier backend once it is up.
+    Auto,
+    /// Traffic stays on the current backend until it fails or an operator moves it.
+    Manual,
+}
+
+/// The health-check protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+}
+
+/// One entry of `pools`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSettings {
+    /// The pool's name (a metric label).
+    pub name: String,
+    /// Selection algorithm among serving backends.
+    pub algorithm: Algorithm,
+    /// active_active or active_passive.
+    pub mode: Mode,
+    /// Failback policy (meaningful in active_passive mode).
+    pub failback: Failback,
+    /// Limit for one connect to a backend.
+    pub connect_timeout: Duration,
+    /// Backends tried per client connection.
+    pub connect_attempts: u32,
+    /// Active health checking.
+    pub health_check: HealthCheckSettings,
+    /// Backends in priority order.
+    pub backends: Vec<BackendSettings>,
+}
+
+/// A pool's `health_check` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckSettings {
+    /// Check protocol.
+    pub kind: CheckKind,
+    /// Time between rounds.
+    pub interval: Duration,
+    /// Limit for one check (name resolution included).
+    pub timeout: Duration,
+    /// Consecutive successes that mark a backend up.
+    pub rise: u32,
+    /// Consecutive failures that mark a backend down.
+    pub fall: u32,
+}
+
+/// One backend of a pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendSettings {
+    /// Where the backend listens.
+    pub address: HostPort,
+    /// Relative share of connections, 1..=256.
+    pub weight: u32,
+    /// Serves only while no non-backup backend is up.
+    pub backup: bool,
+}
+
+/// A `host:port` address whose host may be an IP literal or a DNS name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    text: String,
+    host: String,
+    port: u16,
+}
+
+/// One problem found in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// YAML path, such as `pools.web.health_check.rise`; empty for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// Where the path starts in the file, where known.
+    pub location: Option<Location>,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read and is invalid; every problem is listed.
+    #[error("{}", ProblemList(.0))]
+    Invalid(Vec<Problem>),
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Problem {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+            location: None,
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)?;
+        } else {
+            write!(f, "{}: {}", self.path, self.message)?;
+        }
+        if let Some(l) = self.location {
+            write!(f, " (line {}, column {})", l.line, l.column)?;
+        }
+        Ok(())
+    }
+}
+
+impl HostPort {
+    /// Parse `host:port`; IPv6 hosts go in brackets (`[::1]:80`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("`{text}` has `[` without a closing `]`"))?;
+            let port = after
+                .strip_prefix(':')
+                .ok_or_else(|| format!("`{text}` has no port; write it as [host]:port"))?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("`{host}` in `{text}` is not an IPv6 address"));
+            }
+            (host, port)
+        } else {
+            let (host, port) = text
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{text}` has no port; write it as host:port"))?;
+            if host.contains(':') {
+                return Err(format!(
+                    "`{text}`: an IPv6 address needs brackets, like [::1]:80"
+                ));
+            }
+            if host.parse::<std::net::Ipv4Addr>().is_err() && !is_dns_name(host) {
+                return Err(format!(
+                    "`{host}` in `{text}` is neither an IP address nor a DNS name"
+                ));
+            }
+            (host, port)
+        };
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{port}` in `{text}` is not a port (1-65535)"))?;
+        Ok(HostPort {
+            text: text.to_string(),
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The host part, without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address when the host is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
+    }
+
+    /// The text as written in the file.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn is_dns_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+        // An all-numeric name is a malformed IPv4 address, not a host name.
+        && !host.split('.').all(|l| l.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            threads: DEFAULT_THREADS,
+            grace_period: DEFAULT_GRACE_PERIOD,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            pid_file: DEFAULT_PID_FILE.to_string(),
+            upgrade_sock: DEFAULT_UPGRADE_SOCK.to_string(),
+        }
+    }
+}
+
+impl Default for HealthCheckSettings {
+    fn default() -> Self {
+        HealthCheckSettings {
+            kind: CheckKind::Tcp,
+            interval: DEFAULT_CHECK_INTERVAL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+        }
+    }
+}
+
+impl Algorithm {
+    /// The name used in the YAML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::Random => "random",
+            Algorithm::SourceHash => "source_hash",
+        }
+    }
+}
+
+impl Mode {
+    /// The name used in the YAML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::ActiveActive => "active_active",
+            Mode::ActivePassive => "active_passive",
+        }
+    }
+}
+
+impl Failback {
+    /// The name used in the YAML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failback::Auto => "auto",
+            Failback::Manual => "manual",
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&src)
+    }
+
+    /// Validate a YAML document.
+    pub fn from_yaml(src: &str) -> Result<Config, ConfigError> {
+        let mut value: Value = match serde_yaml::from_str(src) {
+            Ok(v) => v,
+            Err(e) => {
+                let location = e.location().map(|l| Location {
+                    line: l.line(),
+                    column: l.column(),
+                });
+                // serde_yaml appends " at line L column C"; the location says it already.
+                let mut message = e.to_string();
+                if let Some(cut) = message.find(" at line ") {
+                    message.truncate(cut);
+                }
+                return Err(ConfigError::Invalid(vec![Problem {
+                    path: String::new(),
+                    message: format!("not valid YAML: {message}"),
+                    location,
+                }]));
+            }
+        };
+        if let Err(e) = value.apply_merge() {
+            return Err(ConfigError::Invalid(vec![Problem::new(
+                "",
+                format!("bad merge key: {e}"),
+            )]));
+        }
+        let mut d = Decoder::default();
+        let config = decode_config(&mut d, &value);
+        if d.problems.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+            d.problem("", "invalid configuration");
+        }
+        let locations = Locations::of(src);
+        for p in &mut d.problems {
+            p.location = locations.find(&p.path);
+        }
+        Err(ConfigError::Invalid(d.problems))
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolSettings> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
+    if root.is_null() {
+        d.problem(
+            "",
+            "the file is empty; it needs at least `listeners` and `pools`",
+        );
+        return None;
+    }
+    let top = d.mapping(root, "", &["server", "admin", "listeners", "pools"])?;
+
+    let server = match top.get("server") {
+        Some(v) => decode_server(d, v),
+        None => Some(ServerSettings::default()),
+    };
+    let admin = top.get("admin").map(|v| decode_admin(d, v));
+
+    let (pools, pool_names) = named_entries(d, &top, "pools", decode_pool);
+    let (listeners, _) = named_entries(d, &top, "listeners", decode_listener);
+
+    let mut warnings = Vec::new();
+    for l in &listeners {
+        // With no pools at all, that is the problem already reported.
+        if !pool_names.is_empty() && !pool_names.contains(&l.pool) {
+            d.problem(
+                format!("listeners.{}.pool", l.name),
+                format!(
+                    "no pool is named `{}` (pools: {})",
+                    l.pool,
+                    pool_names.join(", ")
+                ),
+            );
+        }
+    }
+    for p in &pools {
+        if !listeners.iter().any(|l| l.pool == p.name) {
+            warnings.push(format!("pools.{}: no listener uses this pool", p.name));
+        }
+    }
+    check_bind_conflicts(d, &listeners, admin.as_ref().and_then(|a| a.as_ref()));
+
+    // Callers only use the result when no problem was recorded.
+    Some(Config {
+        server: server?,
+        admin: admin.flatten(),
+        listeners,
+        pools,
+        warnings,
+    })
+}
+
+/// Decode a mapping of name -> entry such as `listeners` or `pools`, returning
+/// the entries that decoded and every name written, valid or not.
+fn named_entries<T>(
+    d: &mut Decoder,
+    top: &decode::Fields<'_>,
+    section: &str,
+    decode_one: fn(&mut Decoder, &str, &Value, &str) -> Option<T>,
+) -> (Vec<T>, Vec<String>) {
+    let (mut out, mut names) = (Vec::new(), Vec::new());
+    let Some(value) = top.get(section) else {
+        d.problem(section, "is required");
+        return (out, names);
+    };
+    let Value::Mapping(map) = value else {
+        d.problem(
+            section,
+            format!(
+                "must be a mapping of name to settings, found {}",
+                decode::kind(value)
+            ),
+        );
+        return (out, names);
+    };
+    if map.is_empty() {
+        d.problem(section, "must have at least one entry");
+    }
+    for (key, entry) in map {
+        let Some(name) = key.as_str() else {
+            d.problem(
+                section,
+                format!("names must be strings, found {}", decode::kind(key)),
+            );
+            continue;
+        };
+        let path = join(section, name);
+        if !is_valid_name(name) {
+            d.problem(&path, "names may only use a-z, 0-9, `_` and `-`");
+        }
+        names.push(name.to_string());
+        if let Some(v) = decode_one(d, name, entry, &path) {
+            out.push(v);
+        }
+    }
+    (out, names)
+}
+
+fn decode_server(d: &mut Decoder, v: &Value) -> Option<ServerSettings> {
+    let f = d.mapping(
+        v,
+        "server",
+        &[
+            "threads",
+            "grace_period",
+            "shutdown_timeout",
+            "pid_file",
+            "upgrade_sock",
+        ],
+    )?;
+    let before = d.problems.len();
+    let mut s = ServerSettings::default();
+    if let Some(v) = f.get("threads") {
+        s.threads = d.integer(v, &f.path("threads"), 1, 1024).unwrap_or(1) as usize;
+    }
+    if let Some(v) = f.get("grace_period") {
+        s.grace_period = d.duration(v, &f.path("grace_period")).unwrap_or_default();
+    }
+    if let Some(v) = f.get("shutdown_timeout") {
+        s.shutdown_timeout = d
+            .duration(v, &f.path("shutdown_timeout"))
+            .unwrap_or_default();
+    }
+    for (key, slot) in [
+        ("pid_file", &mut s.pid_file),
+        ("upgrade_sock", &mut s.upgrade_sock),
+    ] {
+        if let Some(v) = f.get(key) {
+            match d.string(v, &f.path(key)) {
+                Some("") => d.problem(f.path(key), "must not be empty"),
+                Some(p) => *slot = p.to_string(),
+                None => {}
+            }
+        }
+    }
+    (d.problems.len() == before).then_some(s)
+}
+
+fn decode_admin(d: &mut Decoder, v: &Value) -> Option<AdminSettings> {
+    let f = d.mapping(v, "admin", &["bind"])?;
+    let Some(bind) = f.get("bind") else {
+        d.problem(f.path("bind"), "is required");
+        return None;
+    };
+    let bind = decode_bind_addr(d, bind, &f.path("bind"))?;
+    Some(AdminSettings { bind })
+}
+
+fn decode_bind_addr(d: &mut Decoder, v: &Value, path: &str) -> Option<SocketAddr> {
+    let s = d.string(v, path)?;
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.port() == 0 => {
+            d.problem(path, format!("`{s}` needs a port (1-65535)"));
+            None
+        }
+        Ok(a) => Some(a),
+        Err(_) => {
+            let hint = match HostPort::parse(s) {
+                Ok(_) => " (host names are not allowed here)".to_string(),
+                Err(e) => format!(" ({e})"),
+            };
+            d.problem(
+                path,
+                format!(
+                    "`{s}` must be an IP address and port, like 0.0.0.0:8080 or [::]:8080{hint}"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<ListenerSettings> {
+    let f = d.mapping(
+        v,
+        path,
+        &["bind", "pool", "max_connections", "idle_timeout"],
+    )?;
+
+    let mut bind = Vec::new();
+    match f.get("bind") {
+        None => d.problem(f.path("bind"), "is required"),
+        Some(Value::Sequence(items)) => {
+            if items.is_empty() {
+                d.problem(f.path("bind"), "must list at least one address");
+            }
+            for (i, item) in items.iter().enumerate() {
+                if let Some(a) = decode_bind_addr(d, item, &format!("{}[{i}]", f.path("bind"))) {
+                    bind.push(a);
+                }
+            }
+        }
+        Some(other) => {
+            if let Some(a) = decode_bind_addr(d, other, &f.path("bind")) {
+                bind.push(a);
+            }
+        }
+    }
+
+    let pool = match f.get("pool") {
+        None => {
+            d.problem(f.path("pool"), "is required");
+            None
+        }
+        Some(v) => d.string(v, &f.path("pool")).map(str::to_string),
+    };
+    let max_connections = f.get("max_connections").and_then(|v| {
+        d.integer(v, &f.path("max_connections"), 1, 10_000_000)
+            .map(|n| n as usize)
+    });
+    let idle_timeout = f
+        .get("idle_timeout")
+        .and_then(|v| d.duration_at_least(v, &f.path("idle_timeout"), Duration::from_millis(1)));
+
+    if bind.is_empty() {
+        return None;
+    }
+    Some(ListenerSettings {
+        name: name.to_string(),
+        bind,
+        pool: pool?,
+        max_connections,
+        idle_timeout,
+    })
+}
+
+fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<PoolSettings> {
+    let f = d.mapping(
+        v,
+        path,
+        &[
+            "algorithm",
+            "mode",
+            "failback",
+            "connect_timeout",
+            "connect_attempts",
+            "health_check",
+            "backends",
+        ],
+    )?;
+
+    let algorithm_set = f.get("algorithm").map(|v| {
+        d.choice(
+            v,
+            &f.path("algorithm"),
+            &[
+                ("round_robin", Algorithm::RoundRobin),
+                ("least_connections", Algorithm::LeastConnections),
+                ("random", Algorithm::Random),
+                ("source_hash", Algorithm::SourceHash),
+            ],
+        )
+    });
+    let mode = match f.get("mode") {
+        Some(v) => d.choice(
+            v,
+            &f.path("mode"),
+            &[
+                ("active_active", Mode::ActiveActive),
+                ("active_passive", Mode::ActivePassive),
+            ],
+        ),
+        None => Some(Mode::ActiveActive),
+    };
+    let failback_set = f.get("failback").map(|v| {
+        d.choice(
+            v,
+            &f.path("failback"),
+            &[("auto", Failback::Auto), ("manual", Failback::Manual)],
+        )
+    });
+    let connect_timeout = match f.get("connect_timeout") {
+        Some(v) => d.duration_at_least(v, &f.path("connect_timeout"), Duration::from_millis(1)),
+        None => Some(DEFAULT_CONNECT_TIMEOUT),
+    };
+    let connect_attempts = match f.get("connect_attempts") {
+        Some(v) => d
+            .integer(v, &f.path("connect_attempts"), 1, 100)
+            .map(|n| n as u32),
+        None => Some(DEFAULT_CONNECT_ATTEMPTS),
+    };
+    let health_check = match f.get("health_check") {
+        Some(v) => decode_health_check(d, v, &f.path("health_check")),
+        None => Some(HealthCheckSettings::default()),
+    };
+    let backends = match f.get("backends") {
+        None => {
+            d.problem(
+                f.path("backends"),
+                "is required: a pool needs at least one backend",
+            );
+            None
+        }
+        Some(v) => decode_backends(d, v, &f.path("backends")),
+    };
+
+    if let Some(mode) = mode {
+        if mode == Mode::ActiveActive && failback_set.is_some() {
+            d.problem(f.path("failback"), "only applies to mode active_passive");
+        }
+        if mode == Mode::ActivePassive && algorithm_set.is_some() {
+            d.problem(
+                f.path("algorithm"),
+                "has no effect in mode active_passive: one backend serves at a time, in list order",
+            );
+        }
+        if let Some(backends) = &backends {
+            check_backend_roles(d, mode, &f.path("backends"), backends);
+        }
+    }
+
+    // Bad values were reported; stand-ins keep the pool for cross-checks.
+    Some(PoolSettings {
+        name: name.to_string(),
+        algorithm: algorithm_set.flatten().unwrap_or(Algorithm::RoundRobin),
+        mode: mode.unwrap_or(Mode::ActiveActive),
+        failback: failback_set.flatten().unwrap_or(Failback::Auto),
+        connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        connect_attempts: connect_attempts.unwrap_or(DEFAULT_CONNECT_ATTEMPTS),
+        health_check: health_check.unwrap_or_default(),
+        backends: backends?.into_iter().map(|(b, _)| b).collect(),
+    })
+}
+
+/// Backends with, for each, whether `weight` and `backup` were written out.
+type DecodedBackend = (BackendSettings, (bool, bool));
+
+fn decode_backends(d: &mut Decoder, v: &Value, path: &str) -> Option<Vec<DecodedBackend>> {
+    let Value::Sequence(items) = v else {
+        d.problem(
+            path,
+            format!("must be a list of backends, found {}", decode::kind(v)),
+        );
+        return None;
+    };
+    if items.is_empty() {
+        d.problem(path, "must list at least one backend");
+        return None;
+    }
+    if items.len() > MAX_BACKENDS {
+        d.problem(path, format!("must list at most {MAX_BACKENDS} backends"));
+        return None;
+    }
+    let mut out = Vec::with_capacity(items.len());
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let Some(b) = decode_backend(d, item, &item_path) else {
+            continue;
+        };
+        if let Some(first) = seen.insert(b.0.address.as_str().to_ascii_lowercase(), i) {
+            d.problem(
+                format!("{item_path}.address"),
+                format!("`{}` is already listed as {path}[{first}]", b.0.address),
+            );
+        }
+        out.push(b);
+    }
+    (out.len() == items.len()).then_some(out)
+}
+
+fn decode_backend(d: &mut Decoder, v: &Value, path: &str) -> Option<DecodedBackend> {
+    // Shorthand: a plain `host:port` string.
+    if let Value::String(s) = v {
+        return match HostPort::parse(s) {
+            Ok(address) => Some((
+                BackendSettings {
+                    address,
+                    weight: 1,
+                    backup: false,
+                },
+                (false, false),
+            )),
+            Err(e) => {
+                d.problem(path, e);
+                None
+            }
+        };
+    }
+    let f = d.mapping(v, path, &["address", "weight", "backup"])?;
+    let before = d.problems.len();
+    let address = match f.get("address") {
+        None => {
+            d.problem(f.path("address"), "is required");
+            None
+        }
+        Some(v) => d
+            .string(v, &f.path("address"))
+            .and_then(|s| match HostPort::parse(s) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    d.problem(f.path("address"), e);
+                    None
+                }
+            }),
+    };
+    let weight = f
+        .get("weight")
+        .and_then(|v| d.integer(v, &f.path("weight"), 1, 256));
+    let backup = f
+        .get("backup")
+        .and_then(|v| d.boolean(v, &f.path("backup")));
+    if d.problems.len() != before {
+        return None;
+    }
+    Some((
+        BackendSettings {
+            address: address?,
+            weight: weight.unwrap_or(1) as u32,
+            backup: backup.unwrap_or(false),
+        },
+        (f.get("weight").is_some(), f.get("backup").is_some()),
+    ))
+}
+
+fn check_backend_roles(d: &mut Decoder, mode: Mode, path: &str, backends: &[DecodedBackend]) {
+    match mode {
+        Mode::ActivePassive => {
+            for (i, (b, (weight_set, backup_set))) in backends.iter().enumerate() {
+                if *backup_set && b.backup {
+                    d.problem(
+                        format!("{path}[{i}].backup"),
+                        "has no effect in mode active_passive: list order already sets who stands by",
+                    );
+                }
+                if *weight_set {
+                    d.problem(
+                        format!("{path}[{i}].weight"),
+                        "has no effect in mode active_passive: one backend serves at a time",
+                    );
+                }
+            }
+        }
+        Mode::ActiveActive => {
+            if backends.iter().all(|(b, _)| b.backup) {
+                d.problem(path, "every backend is a backup; at least one must not be");
+            }
+        }
+    }
+}
+
+fn decode_health_check(d: &mut Decoder, v: &Value, path: &str) -> Option<HealthCheckSettings> {
+    let f = d.mapping(v, path, &["kind", "interval", "timeout", "rise", "fall"])?;
+    let before = d.problems.len();
+    let mut h = HealthCheckSettings::default();
+    if let Some(v) = f.get("kind") {
+        h.kind = d
+            .choice(v, &f.path("kind"), &[("tcp", CheckKind::Tcp)])
+            .unwrap_or(CheckKind::Tcp);
+    }
+    if let Some(v) = f.get("interval") {
+        h.interval = d
+            .duration_at_least(v, &f.path("interval"), MIN_CHECK_INTERVAL)
+            .unwrap_or(DEFAULT_CHECK_INTERVAL);
+    }
+    let timeout_set = f.get("timeout").is_some();
+    if let Some(v) = f.get("timeout") {
+        h.timeout = d
+            .duration_at_least(v, &f.path("timeout"), Duration::from_millis(1))
+            .unwrap_or(DEFAULT_CHECK_TIMEOUT);
+    }
+    if let Some(v) = f.get("rise") {
+        h.rise = d.integer(v, &f.path("rise"), 1, 100).unwrap_or(1) as u32;
+    }
+    if let Some(v) = f.get("fall") {
+        h.fall = d.integer(v, &f.path("fall"), 1, 100).unwrap_or(1) as u32;
+    }
+    if d.problems.len() == before && h.timeout > h.interval {
+        // Only a written-out timeout can be blamed; otherwise the interval is too short.
+        let (key, message) = if timeout_set {
+            (
+                "timeout",
+                format!(
+                    "must not exceed interval ({})",
+                    humantime::format_duration(h.interval)
+                ),
+            )
+        } else {
+            (
+                "interval",
+                format!(
+                    "must be at least the check timeout ({}); set timeout too",
+                    humantime::format_duration(h.timeout)
+                ),
+            )
+        };
+        d.problem(f.path(key), message);
+    }
+    (d.problems.len() == before).then_some(h)
+}
+
+/// Report addresses that two listeners (or a listener and the admin) both bind.
+fn check_bind_conflicts(
+    d: &mut Decoder,
+    listeners: &[ListenerSettings],
+    admin: Option<&AdminSettings>,
+) {
+    let mut taken: Vec<(SocketAddr, String)> = Vec::new();
+    let mut claim = |d: &mut Decoder, addr: SocketAddr, path: String| {
+        if let Some((_, other)) = taken.iter().find(|(a, _)| binds_overlap(*a, addr)) {
+            d.problem(&path, format!("{addr} overlaps with {other}"));
+        } else {
+            taken.push((addr, path));
+        }
+    };
+    if let Some(a) = admin {
+        claim(d, a.bind, "admin.bind".to_string());
+    }
+    for l in listeners {
+        for (i, addr) in l.bind.iter().enumerate() {
+            let path = if l.bind.len() == 1 {
+                format!("listeners.{}.bind", l.name)
+            } else {
+                format!("listeners.{}.bind[{i}]", l.name)
+            };
+            claim(d, *addr, path);
+        }
+    }
+}
+
+/// Whether two listening addresses cannot both be bound.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+}
+
+#[cfg(test)]
+mod tests;

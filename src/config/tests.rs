@@ -1,0 +1,270 @@
+use super::*;
+
+const MINIMAL: &str = "
+listeners:
+  web: { bind: 127.0.0.1:8080, pool: app }
+pools:
+  app:
+    backends: [127.0.0.1:9001]
+";
+
+fn problems(src: &str) -> Vec<String> {
+    match Config::from_yaml(src) {
+        Ok(c) => panic!("expected problems, got {c:?}"),
+        Err(ConfigError::Invalid(p)) => p.into_iter().map(|p| p.to_string()).collect(),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+#[test]
+fn minimal_file_gets_the_documented_defaults() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.server, ServerSettings::default());
+    assert_eq!(c.admin, None);
+    let p = &c.pools[0];
+    assert_eq!(p.algorithm, Algorithm::RoundRobin);
+    assert_eq!(p.mode, Mode::ActiveActive);
+    assert_eq!(p.failback, Failback::Auto);
+    assert_eq!(p.connect_timeout, Duration::from_secs(2));
+    assert_eq!(p.connect_attempts, 3);
+    assert_eq!(p.health_check, HealthCheckSettings::default());
+    assert_eq!(p.backends[0].weight, 1);
+    assert!(!p.backends[0].backup);
+    let l = &c.listeners[0];
+    assert_eq!(l.bind, vec!["127.0.0.1:8080".parse().unwrap()]);
+    assert_eq!((l.max_connections, l.idle_timeout), (None, None));
+}
+
+#[test]
+fn full_file_is_read() {
+    let c = Config::from_yaml(
+        "
+server: { threads: 4, grace_period: 250ms, shutdown_timeout: 5s, pid_file: /run/s.pid, upgrade_sock: /run/s.sock }
+admin: { bind: '[::1]:9100' }
+listeners:
+  db:
+    bind: [127.0.0.1:3306, '[::1]:3306']
+    pool: mysql
+    max_connections: 10
+    idle_timeout: 10m
+pools:
+  mysql:
+    mode: active_passive
+    failback: manual
+    connect_timeout: 500ms
+    connect_attempts: 2
+    health_check: { kind: tcp, interval: 1s, timeout: 1s, rise: 1, fall: 5 }
+    backends:
+      - address: db1.internal:3306
+      - address: '[fd00::2]:3306'
+",
+    )
+    .unwrap();
+    assert_eq!(c.server.threads, 4);
+    assert_eq!(c.server.grace_period, Duration::from_millis(250));
+    assert_eq!(c.admin.unwrap().bind, "[::1]:9100".parse().unwrap());
+    assert_eq!(c.listeners[0].bind.len(), 2);
+    assert_eq!(c.listeners[0].idle_timeout, Some(Duration::from_secs(600)));
+    let p = &c.pools[0];
+    assert_eq!(
+        (p.mode, p.failback),
+        (Mode::ActivePassive, Failback::Manual)
+    );
+    assert_eq!(p.backends[0].address.host(), "db1.internal");
+    assert_eq!(p.backends[0].address.socket_addr(), None);
+    assert_eq!(
+        p.backends[1].address.socket_addr(),
+        Some("[fd00::2]:3306".parse().unwrap())
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path_and_line() {
+    let got = problems(
+        "listeners:
+  web:
+    bind: 0.0.0.0:80
+    pool: missing
+    max_conections: 5
+pools:
+  app:
+    algorithm: round_robbin
+    health_check:
+      rise: 0
+      fall: 101
+    backends:
+      - address: 10.0.0.1:80
+        weight: 0
+      - 10.0.0.1
+",
+    );
+    assert_eq!(
+        got,
+        [
+            "pools.app.algorithm: `round_robbin` is not one of: round_robin, least_connections, random, source_hash (did you mean `round_robin`?) (line 8, column 5)",
+            "pools.app.health_check.rise: must be at least 1 (line 10, column 7)",
+            "pools.app.health_check.fall: must be at most 100 (line 11, column 7)",
+            "pools.app.backends[0].weight: must be at least 1 (line 14, column 9)",
+            "pools.app.backends[1]: `10.0.0.1` has no port; write it as host:port (line 15, column 9)",
+            "listeners.web.max_conections: unknown key `max_conections` (did you mean `max_connections`?) (line 5, column 5)",
+            "listeners.web.pool: no pool is named `missing` (pools: app) (line 4, column 5)",
+        ]
+    );
+}
+
+#[test]
+fn cross_references_are_checked() {
+    let got = problems(
+        "admin: { bind: 127.0.0.1:9100 }
+listeners:
+  a: { bind: 0.0.0.0:80, pool: nope }
+  b: { bind: [127.0.0.1:80, 127.0.0.1:9100], pool: app }
+pools:
+  app: { backends: [127.0.0.1:1] }
+",
+    );
+    assert_eq!(
+        got,
+        [
+            "listeners.a.pool: no pool is named `nope` (pools: app) (line 3, column 26)",
+            "listeners.b.bind[0]: 127.0.0.1:80 overlaps with listeners.a.bind (line 4, column 15)",
+            "listeners.b.bind[1]: 127.0.0.1:9100 overlaps with admin.bind (line 4, column 29)",
+        ]
+    );
+}
+
+#[test]
+fn mode_specific_keys_are_rejected_where_they_mean_nothing() {
+    let got = problems(
+        "listeners: { web: { bind: 0.0.0.0:80, pool: ap } }
+pools:
+  ap:
+    mode: active_passive
+    algorithm: random
+    backends:
+      - { address: a.example:80, weight: 2 }
+      - { address: b.example:80, backup: true }
+  aa:
+    failback: manual
+    backends: [{ address: c.example:80, backup: true }]
+",
+    );
+    let paths: Vec<&str> = got.iter().map(|m| m.split(':').next().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "pools.ap.algorithm",
+            "pools.ap.backends[0].weight",
+            "pools.ap.backends[1].backup",
+            "pools.aa.failback",
+            "pools.aa.backends",
+        ]
+    );
+}
+
+#[test]
+fn addresses_are_validated() {
+    for (addr, want) in [
+        ("10.0.0.1", "has no port"),
+        ("10.0.0.1:0", "is not a port"),
+        ("10.0.0.1:70000", "is not a port"),
+        ("::1:80", "needs brackets"),
+        ("[::1:80", "without a closing"),
+        ("[zz]:80", "is not an IPv6 address"),
+        ("bad host:80", "neither an IP address nor a DNS name"),
+        ("1.2.3:80", "neither an IP address nor a DNS name"),
+    ] {
+        let err = HostPort::parse(addr).unwrap_err();
+        assert!(err.contains(want), "{addr}: {err}");
+    }
+    assert_eq!(
+        HostPort::parse("app-1.svc.local:8080").unwrap().port(),
+        8080
+    );
+    assert_eq!(HostPort::parse("app_1:80").unwrap().host(), "app_1");
+}
+
+#[test]
+fn listener_bind_must_be_an_ip_literal() {
+    let got = problems(
+        "listeners: { web: { bind: localhost:80, pool: app } }
+pools: { app: { backends: [127.0.0.1:1] } }",
+    );
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].starts_with("listeners.web.bind: `localhost:80` must be an IP address and port"),
+        "{}",
+        got[0]
+    );
+    assert!(got[0].contains("host names are not allowed"));
+}
+
+#[test]
+fn health_timeout_may_not_exceed_interval() {
+    let got = problems(
+        "listeners: { web: { bind: 0.0.0.0:80, pool: app } }
+pools:
+  app:
+    health_check: { interval: 500ms, timeout: 2s }
+    backends: [127.0.0.1:1]",
+    );
+    assert_eq!(
+        got,
+        ["pools.app.health_check.timeout: must not exceed interval (500ms) (line 4, column 38)"]
+    );
+}
+
+#[test]
+fn syntax_errors_carry_a_location() {
+    let got = problems("listeners:\n  web: [unclosed\n");
+    assert_eq!(got.len(), 1);
+    assert!(got[0].starts_with("not valid YAML:"), "{}", got[0]);
+    assert!(got[0].contains("(line "), "{}", got[0]);
+}
+
+#[test]
+fn missing_sections_and_bad_names() {
+    assert_eq!(
+        problems(""),
+        ["the file is empty; it needs at least `listeners` and `pools`"]
+    );
+    let got =
+        problems("listeners: { Web: { bind: 0.0.0.0:80, pool: app } }\npools: {}\nextra: 1\n");
+    assert_eq!(
+        got,
+        [
+            "extra: unknown key `extra` (expected one of: server, admin, listeners, pools) (line 3, column 1)",
+            "pools: must have at least one entry (line 2, column 1)",
+            "listeners.Web: names may only use a-z, 0-9, `_` and `-` (line 1, column 14)",
+        ]
+    );
+}
+
+#[test]
+fn merge_keys_share_settings() {
+    let c = Config::from_yaml(
+        "
+x-check: &check { interval: 1s, timeout: 500ms, rise: 1, fall: 1 }
+listeners: { web: { bind: 0.0.0.0:80, pool: app } }
+pools:
+  app:
+    health_check: { <<: *check, fall: 2 }
+    backends: [127.0.0.1:1]
+",
+    );
+    // Unknown top-level keys stay errors, even as anchor holders.
+    assert!(c.is_err());
+    let c = Config::from_yaml(
+        "
+listeners: { web: { bind: 0.0.0.0:80, pool: app } }
+pools:
+  base: &base { backends: [127.0.0.1:1], health_check: { interval: 1s, timeout: 500ms } }
+  app: { <<: *base, connect_attempts: 1 }
+",
+    )
+    .unwrap();
+    let app = c.pool("app").unwrap();
+    assert_eq!(app.health_check.interval, Duration::from_secs(1));
+    assert_eq!(app.connect_attempts, 1);
+    assert_eq!(c.warnings, ["pools.base: no listener uses this pool"]);
+}

@@ -1,0 +1,27 @@
+//! sluice: a Layer-4 TCP load balancer built on Pingora.
+//!
+//! # Architecture
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`cli`] | flags, `-t`, start-up |
+//! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
+//! | [`server`] | turning a config into pingora services and running them |
+//! | [`listener`] | the L4 `ServerApp`: admission, backend connect with retries, bind supervision |
+//! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting |
+//! | [`pool`] | backend state, serving set (active-active / active-passive), failover, picking |
+//! | [`health`] | background health checks with rise/fall and DNS re-resolution |
+//! | [`metrics`] | every Prometheus metric |
+//! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/api/v1/pools` |
+//! | [`lifecycle`] | readiness, signals, draining on shutdown |
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod lifecycle;
+pub mod listener;
+pub mod metrics;
+pub mod pool;
+pub mod relay;
+pub mod server;

@@ -1,0 +1,396 @@
+//! Every Prometheus metric sluice exports, in one place.
+//!
+//! Metric families live in a registry owned by [`Metrics`]; the data path
+//! never looks a label up. Each listener, pool and backend gets its labelled
+//! handles once at start ([`ListenerMetrics`], [`PoolMetrics`],
+//! [`BackendMetrics`]), and counting a byte is one relaxed atomic add.
+//! Label values are bounded: listener and pool names, configured backend
+//! addresses and fixed enums, never a client address.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Connection lifetimes, from a quick request to a long-lived tunnel.
+const CONNECTION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+/// Backend connect times, from loopback to a slow WAN link.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Why a client connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// No backend was available or none accepted the connection.
+    NoBackend,
+    /// The listener's `max_connections` was reached.
+    MaxConnections,
+}
+
+impl RejectReason {
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NoBackend => "no_backend",
+            RejectReason::MaxConnections => "max_connections",
+        }
+    }
+}
+
+/// Why a connect to a backend failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectErrorKind {
+    /// The backend refused the connection.
+    Refused,
+    /// No answer within `connect_timeout`.
+    Timeout,
+    /// Anything else (unreachable, out of resources, ...).
+    Other,
+}
+
+impl ConnectErrorKind {
+    /// The `kind` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectErrorKind::Refused => "refused",
+            ConnectErrorKind::Timeout => "timeout",
+            ConnectErrorKind::Other => "other",
+        }
+    }
+}
+
+/// The registry and all metric families.
+pub struct Metrics {
+    registry: Registry,
+    listener_connections: IntCounterVec,
+    listener_active: IntGaugeVec,
+    listener_rejected: IntCounterVec,
+    listener_bytes: IntCounterVec,
+    connection_duration: HistogramVec,
+    backend_up: IntGaugeVec,
+    backend_active: IntGaugeVec,
+    backend_connections: IntCounterVec,
+    backend_connections_active: IntGaugeVec,
+    backend_connect_errors: IntCounterVec,
+    backend_connect_duration: HistogramVec,
+    backend_health_checks: IntCounterVec,
+    backend_state_changes: IntCounterVec,
+    backend_bytes: IntCounterVec,
+    pool_failovers: IntCounterVec,
+}
+
+/// Handles for one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Accepted client connections, refused ones included.
+    pub connections: IntCounter,
+    /// Client connections being served now.
+    pub active: IntGauge,
+    /// Refused for lack of a backend.
+    pub rejected_no_backend: IntCounter,
+    /// Refused at `max_connections`.
+    pub rejected_max_connections: IntCounter,
+    /// Bytes from clients to backends.
+    pub bytes_in: IntCounter,
+    /// Bytes from backends to clients.
+    pub bytes_out: IntCounter,
+    /// Lifetime of proxied connections.
+    pub duration: Histogram,
+}
+
+/// Handles for one pool.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// Times traffic moved off a failed backend or tier.
+    pub failovers: IntCounter,
+}
+
+/// Handles for one backend of one pool.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    /// 1 while health checks say up.
+    pub up: IntGauge,
+    /// 1 while it takes new connections.
+    pub active: IntGauge,
+    /// Connections established to it.
+    pub connections: IntCounter,
+    /// Connections open or being opened to it.
+    pub connections_active: IntGauge,
+    connect_errors: [IntCounter; 3],
+    /// Time to establish a connection.
+    pub connect_duration: Histogram,
+    /// Successful health checks.
+    pub checks_success: IntCounter,
+    /// Failed health checks.
+    pub checks_failure: IntCounter,
+    /// Transitions to up.
+    pub to_up: IntCounter,
+    /// Transitions to down.
+    pub to_down: IntCounter,
+    /// Bytes sent to it.
+    pub bytes_in: IntCounter,
+    /// Bytes received from it.
+    pub bytes_out: IntCounter,
+}
+
+impl BackendMetrics {
+    /// The counter for one kind of connect failure.
+    pub fn connect_errors(&self, kind: ConnectErrorKind) -> &IntCounter {
+        &self.connect_errors[kind as usize]
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    register(registry, HistogramVec::new(opts, labels))
+}
+
+/// Register a collector built from constant, valid options.
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    built: prometheus::Result<C>,
+) -> C {
+    let c = built.expect("metric options are constants and valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("each metric name is registered once");
+    c
+}
+
+impl Metrics {
+    /// Create the registry with every family, build info and process metrics.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector is registered once");
+        let build_info = gauge(
+            &r,
+            "sluice_build_info",
+            "Build information; the value is 1.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Metrics {
+            listener_connections: counter(
+                &r,
+                "sluice_listener_connections_total",
+                "Client connections accepted, refused ones included.",
+                &["listener"],
+            ),
+            listener_active: gauge(
+                &r,
+                "sluice_listener_connections_active",
+                "Client connections being served.",
+                &["listener"],
+            ),
+            listener_rejected: counter(
+                &r,
+                "sluice_listener_rejected_total",
+                "Client connections refused, by reason.",
+                &["listener", "reason"],
+            ),
+            listener_bytes: counter(
+                &r,
+                "sluice_listener_bytes_total",
+                "Bytes relayed; in = client to backend, out = backend to client.",
+                &["listener", "direction"],
+            ),
+            connection_duration: histogram(
+                &r,
+                "sluice_connection_duration_seconds",
+                "Lifetime of proxied client connections.",
+                &["listener"],
+                CONNECTION_BUCKETS,
+            ),
+            backend_up: gauge(
+                &r,
+                "sluice_backend_up",
+                "1 when health checks report the backend up.",
+                &["pool", "backend"],
+            ),
+            backend_active: gauge(
+                &r,
+                "sluice_backend_active",
+                "1 when the backend takes new connections now.",
+                &["pool", "backend"],
+            ),
+            backend_connections: counter(
+                &r,
+                "sluice_backend_connections_total",
+                "Connections established to the backend.",
+                &["pool", "backend"],
+            ),
+            backend_connections_active: gauge(
+                &r,
+                "sluice_backend_connections_active",
+                "Connections open or being opened to the backend.",
+                &["pool", "backend"],
+            ),
+            backend_connect_errors: counter(
+                &r,
+                "sluice_backend_connect_errors_total",
+                "Failed connects to the backend, by kind.",
+                &["pool", "backend", "kind"],
+            ),
+            backend_connect_duration: histogram(
+                &r,
+                "sluice_backend_connect_duration_seconds",
+                "Time to establish a connection to the backend.",
+                &["pool", "backend"],
+                CONNECT_BUCKETS,
+            ),
+            backend_health_checks: counter(
+                &r,
+                "sluice_backend_health_checks_total",
+                "Health checks run against the backend, by result.",
+                &["pool", "backend", "result"],
+            ),
+            backend_state_changes: counter(
+                &r,
+                "sluice_backend_state_changes_total",
+                "Health state transitions of the backend.",
+                &["pool", "backend", "to"],
+            ),
+            backend_bytes: counter(
+                &r,
+                "sluice_backend_bytes_total",
+                "Bytes relayed; in = to the backend, out = from the backend.",
+                &["pool", "backend", "direction"],
+            ),
+            pool_failovers: counter(
+                &r,
+                "sluice_pool_failovers_total",
+                "Times traffic moved off a failed backend (or off the primary tier).",
+                &["pool"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// Handles for the listener `name`; every series exists from the start.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            connections: self.listener_connections.with_label_values(&[name]),
+            active: self.listener_active.with_label_values(&[name]),
+            rejected_no_backend: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::NoBackend.as_str()]),
+            rejected_max_connections: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::MaxConnections.as_str()]),
+            bytes_in: self.listener_bytes.with_label_values(&[name, "in"]),
+            bytes_out: self.listener_bytes.with_label_values(&[name, "out"]),
+            duration: self.connection_duration.with_label_values(&[name]),
+        }
+    }
+
+    /// Handles for the pool `name`.
+    pub fn pool(&self, name: &str) -> PoolMetrics {
+        PoolMetrics {
+            failovers: self.pool_failovers.with_label_values(&[name]),
+        }
+    }
+
+    /// Handles for `backend` (its configured address) in `pool`.
+    pub fn backend(&self, pool: &str, backend: &str) -> BackendMetrics {
+        let l = [pool, backend];
+        let err = |kind: ConnectErrorKind| {
+            self.backend_connect_errors
+                .with_label_values(&[pool, backend, kind.as_str()])
+        };
+        BackendMetrics {
+            up: self.backend_up.with_label_values(&l),
+            active: self.backend_active.with_label_values(&l),
+            connections: self.backend_connections.with_label_values(&l),
+            connections_active: self.backend_connections_active.with_label_values(&l),
+            connect_errors: [
+                err(ConnectErrorKind::Refused),
+                err(ConnectErrorKind::Timeout),
+                err(ConnectErrorKind::Other),
+            ],
+            connect_duration: self.backend_connect_duration.with_label_values(&l),
+            checks_success: self
+                .backend_health_checks
+                .with_label_values(&[pool, backend, "success"]),
+            checks_failure: self
+                .backend_health_checks
+                .with_label_values(&[pool, backend, "failure"]),
+            to_up: self
+                .backend_state_changes
+                .with_label_values(&[pool, backend, "up"]),
+            to_down: self
+                .backend_state_changes
+                .with_label_values(&[pool, backend, "down"]),
+            bytes_in: self.backend_bytes.with_label_values(&[pool, backend, "in"]),
+            bytes_out: self
+                .backend_bytes
+                .with_label_values(&[pool, backend, "out"]),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_exist_before_anything_happens() {
+        let m = Metrics::new();
+        let _l = m.listener("web");
+        let b = m.backend("app", "127.0.0.1:1");
+        b.connect_errors(ConnectErrorKind::Timeout).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            "sluice_build_info{version=\"",
+            "sluice_listener_rejected_total{listener=\"web\",reason=\"max_connections\"} 0",
+            "sluice_listener_rejected_total{listener=\"web\",reason=\"no_backend\"} 0",
+            "sluice_listener_bytes_total{direction=\"in\",listener=\"web\"} 0",
+            "sluice_backend_connect_errors_total{backend=\"127.0.0.1:1\",kind=\"timeout\",pool=\"app\"} 1",
+            "sluice_backend_connect_errors_total{backend=\"127.0.0.1:1\",kind=\"refused\",pool=\"app\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+    }
+}

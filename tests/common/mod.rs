@@ -1,0 +1,427 @@
+//! Shared fixtures for the integration tests: a sluice process, backends on
+//! 127.0.0.1, port reservation, polling with deadlines and metric scraping.
+//!
+//! Every test starts the real `sluice` binary with a generated YAML file and
+//! talks to it over real sockets. Backends are tokio tasks in the test.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// How long any state may take to appear before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Poll `cond` every 20 ms until it holds; panic with `what` after `DEADLINE`.
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port for sluice to listen on. It comes from below the kernel's
+/// ephemeral range (where backends bound to port 0 land), offset by process
+/// id so parallel test processes rarely meet, and is probed before use.
+pub fn reserve_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 30;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + n * 7) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A running sluice process; killed when dropped.
+pub struct Sluice {
+    child: Child,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+    /// The configuration file it runs with.
+    pub config_path: std::path::PathBuf,
+}
+
+impl Sluice {
+    /// Start sluice with `yaml`, which must contain `{admin}` where the admin
+    /// bind address goes; does not wait for readiness.
+    pub fn spawn(yaml: &str) -> Sluice {
+        let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+        let yaml = yaml.replace("{admin}", &admin.to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.yaml");
+        std::fs::write(&config_path, &yaml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("-c")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,sluice=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sluice");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Sluice { child, admin, log, _dir: dir, config_path }
+    }
+
+    /// Start sluice and wait until `/readyz` answers 200.
+    pub async fn start(yaml: &str) -> Sluice {
+        let s = Sluice::spawn(yaml);
+        s.wait_ready().await;
+        s
+    }
+
+    /// Wait until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_get(self.admin, "/readyz").await {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "sluice did not become ready; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything sluice wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Wait until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        wait_until(&format!("log line `{needle}`"), || async { self.log().contains(needle) }).await;
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send `sig` to this sluice process.
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Wait for the process to exit, failing after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            assert!(start.elapsed() < limit, "sluice did not exit within {limit:?}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Scrape `/metrics`.
+    pub async fn metrics(&self) -> Scrape {
+        let (status, body) = http_get(self.admin, "/metrics").await.expect("scrape /metrics");
+        assert_eq!(status, 200);
+        Scrape::parse(&body)
+    }
+
+    /// `GET /api/v1/pools`, parsed.
+    pub async fn pools(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, "/api/v1/pools").await.expect("GET /api/v1/pools");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The `active` flags of `pool`'s backends, by configured address.
+    pub async fn active_backends(&self, pool: &str) -> Vec<String> {
+        let v = self.pools().await;
+        v["pools"][pool]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["active"].as_bool() == Some(true))
+            .map(|b| b["address"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Wait until exactly `want` are the active backends of `pool`.
+    pub async fn wait_active(&self, pool: &str, want: &[SocketAddr]) {
+        let mut want: Vec<String> = want.iter().map(ToString::to_string).collect();
+        want.sort();
+        wait_until(&format!("pool {pool} active = {want:?}"), || async {
+            let mut got = self.active_backends(pool).await;
+            got.sort();
+            got == want
+        })
+        .await;
+    }
+
+    /// The health state (`up`, `down`, `unknown`) of backend `addr` in `pool`.
+    pub async fn backend_state(&self, pool: &str, addr: SocketAddr) -> String {
+        let v = self.pools().await;
+        v["pools"][pool]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr.to_string())
+            .map(|b| b["state"].as_str().unwrap().to_string())
+            .unwrap()
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- sluice log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path).await
+}
+
+/// A minimal HTTP/1.1 request; returns status and body.
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::other("admin did not answer"))??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A parsed `/metrics` scrape.
+pub struct Scrape {
+    /// The raw text.
+    pub text: String,
+    samples: HashMap<String, f64>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_string(), value.parse().ok()?))
+            })
+            .collect();
+        Scrape { text: text.to_string(), samples }
+    }
+
+    /// The value of `name` with exactly `labels`, if present.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut sorted = labels.to_vec();
+        sorted.sort();
+        let series = if sorted.is_empty() {
+            name.to_string()
+        } else {
+            let l: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            format!("{name}{{{}}}", l.join(","))
+        };
+        self.samples.get(&series).copied()
+    }
+
+    /// The value of `name` with `labels`; panics when absent.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no series {name} {labels:?} in:\n{}", self.text))
+    }
+}
+
+/// What a test backend does with each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Behavior {
+    /// Write its name and a newline, then close.
+    Name,
+    /// Echo everything until the client half-closes, then half-close.
+    Echo,
+}
+
+/// A backend on 127.0.0.1 that can be stopped and restarted on its port.
+pub struct Backend {
+    /// Its address.
+    pub addr: SocketAddr,
+    name: String,
+    behavior: Behavior,
+    task: Option<JoinHandle<()>>,
+    /// Connections accepted (health checks included).
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    /// Start a backend on a new port.
+    pub async fn start(name: &str, behavior: Behavior) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut b = Backend {
+            addr: listener.local_addr().unwrap(),
+            name: name.to_string(),
+            behavior,
+            task: None,
+            accepted: Arc::new(AtomicUsize::new(0)),
+        };
+        b.serve(listener);
+        b
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (name, behavior, accepted) = (self.name.clone(), self.behavior, Arc::clone(&self.accepted));
+        self.task = Some(tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { continue };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let name = name.clone();
+                tokio::spawn(async move {
+                    match behavior {
+                        Behavior::Name => {
+                            let _ = sock.write_all(format!("{name}\n").as_bytes()).await;
+                            let _ = sock.shutdown().await;
+                        }
+                        Behavior::Echo => {
+                            let (mut r, mut w) = sock.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            let _ = w.shutdown().await;
+                        }
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Stop listening: new connections are refused.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Wait until the port refuses connections (the accept task is gone).
+    pub async fn stop_and_wait(&mut self) {
+        self.stop();
+        let addr = self.addr;
+        wait_until("backend port closed", || async move { TcpStream::connect(addr).await.is_err() }).await;
+    }
+
+    /// Listen again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                // The aborted task may not have dropped its listener yet.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Connect to `addr` and read until the peer closes; returns what was read.
+pub async fn read_all(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect through sluice");
+    let mut out = String::new();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
+        .await
+        .expect("the connection ended")
+        .expect("read");
+    out
+}
+
+/// Open `n` connections one after another; count the names received.
+pub async fn tally(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let name = read_all(addr).await.trim().to_string();
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A listener whose accept queue is full, so new connects hang: a backend
+/// that never completes the TCP handshake.
+pub struct Blackhole {
+    /// Its address.
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl Blackhole {
+    /// Create one on 127.0.0.1.
+    pub fn new() -> Blackhole {
+        use socket2::{Domain, Socket, Type};
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        // Fill the accept queue; further handshakes are dropped by the kernel.
+        let mut fillers = Vec::new();
+        for _ in 0..2 {
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                fillers.push(s);
+            }
+        }
+        Blackhole { addr, _listener: l, _fillers: fillers }
+    }
+
+    /// Whether a connect to it indeed does not complete within `wait`.
+    pub fn holds(&self, wait: Duration) -> bool {
+        std::net::TcpStream::connect_timeout(&self.addr, wait).is_err()
+    }
+}
