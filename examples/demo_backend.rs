@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 async fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(name), Some(addr)) = (args.next(), args.next()) else {
-        eprintln!("usage: demo_backend NAME ADDR   (for example: demo_backend app1 127.0.0.1:9001)");
+        eprintln!(
+            "usage: demo_backend NAME ADDR   (for example: demo_backend app1 127.0.0.1:9001)"
+        );
         std::process::exit(2);
     };
     let listener = TcpListener::bind(&addr).await?;

@@ -459,6 +459,9 @@ impl Config {
         for p in &mut d.problems {
             p.location = locations.find(&p.path);
         }
+        // Report in file order; problems without a position go last.
+        d.problems
+            .sort_by_key(|p| p.location.map_or((usize::MAX, 0), |l| (l.line, l.column)));
         Err(ConfigError::Invalid(d.problems))
     }
 
@@ -846,7 +849,6 @@ fn decode_backend(d: &mut Decoder, v: &Value, path: &str) -> Option<DecodedBacke
         };
     }
     let f = d.mapping(v, path, &["address", "weight", "backup"])?;
-    let before = d.problems.len();
     let address = match f.get("address") {
         None => {
             d.problem(f.path("address"), "is required");
@@ -868,9 +870,7 @@ fn decode_backend(d: &mut Decoder, v: &Value, path: &str) -> Option<DecodedBacke
     let backup = f
         .get("backup")
         .and_then(|v| d.boolean(v, &f.path("backup")));
-    if d.problems.len() != before {
-        return None;
-    }
+    // Bad weight or backup values were reported; keep the backend for the duplicate check.
     Some((
         BackendSettings {
             address: address?,

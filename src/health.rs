@@ -198,10 +198,11 @@ async fn check(
             weight: 1,
             ext: Default::default(),
         };
-        probe
-            .check(&target)
-            .await
-            .map_err(|e| CheckError::Probe(describe(&e)))?;
+        probe.check(&target).await.map_err(|e| match e.etype() {
+            // The probe's own connect timeout equals ours; report both alike.
+            pingora::ErrorType::ConnectTimedout => CheckError::Timeout(timeout),
+            _ => CheckError::Probe(describe(&e)),
+        })?;
         Ok(addr)
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -215,7 +216,6 @@ fn describe(e: &pingora::Error) -> String {
     use pingora::ErrorType::*;
     match e.etype() {
         ConnectRefused => "connection refused".to_string(),
-        ConnectTimedout => "connect timed out".to_string(),
         ConnectNoRoute => "no route to host".to_string(),
         _ => e.to_string(),
     }

@@ -2,6 +2,9 @@
 //! checksums, half-close, a backend that closes first, idle timeout and
 //! `max_connections`.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;
@@ -58,14 +61,19 @@ async fn bytes_flow_both_ways() {
     let named = Backend::start("banner", Behavior::Name).await;
     let port2 = reserve_port();
     let _s2 = Sluice::start(&config(port2, named.addr, "")).await;
-    assert_eq!(read_all(format!("127.0.0.1:{port2}").parse().unwrap()).await, "banner\n");
+    assert_eq!(
+        read_all(format!("127.0.0.1:{port2}").parse().unwrap()).await,
+        "banner\n"
+    );
     drop(sluice);
 }
 
 /// A backend that, per connection, hashes everything it receives while
 /// sending `len` bytes of its own (once the client has sent its first byte,
 /// so health checks get nothing), then reports what it received.
-async fn exchange_backend(len: usize) -> (SocketAddr, tokio::sync::mpsc::Receiver<(usize, Vec<u8>)>) {
+async fn exchange_backend(
+    len: usize,
+) -> (SocketAddr, tokio::sync::mpsc::Receiver<(usize, Vec<u8>)>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -132,15 +140,34 @@ async fn sixty_four_mib_each_way_arrive_intact() {
     }
     writer.await.unwrap();
     assert_eq!(got, LEN, "backend to client length");
-    assert_eq!(got_hash.finalize().to_vec(), Sha256::digest(pattern(2, LEN)).to_vec(), "backend to client checksum");
-    let (n, hash) = tokio::time::timeout(DEADLINE, reports.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        got_hash.finalize().to_vec(),
+        Sha256::digest(pattern(2, LEN)).to_vec(),
+        "backend to client checksum"
+    );
+    let (n, hash) = tokio::time::timeout(DEADLINE, reports.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(n, LEN, "client to backend length");
     assert_eq!(hash, sent_hash, "client to backend checksum");
 
     // Every byte is counted.
     let m = sluice.metrics().await;
-    assert_eq!(m.value("sluice_listener_bytes_total", &[("listener", "front"), ("direction", "in")]), LEN as f64);
-    assert_eq!(m.value("sluice_listener_bytes_total", &[("listener", "front"), ("direction", "out")]), LEN as f64);
+    assert_eq!(
+        m.value(
+            "sluice_listener_bytes_total",
+            &[("listener", "front"), ("direction", "in")]
+        ),
+        LEN as f64
+    );
+    assert_eq!(
+        m.value(
+            "sluice_listener_bytes_total",
+            &[("listener", "front"), ("direction", "out")]
+        ),
+        LEN as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +195,10 @@ async fn half_closed_client_still_gets_the_whole_reply() {
     c.write_all(b"the whole request").await.unwrap();
     c.shutdown().await.unwrap();
     let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, c.read_to_end(&mut reply)).await.unwrap().unwrap();
+    tokio::time::timeout(DEADLINE, c.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     let head = b"got 17 bytes\n";
     assert_eq!(&reply[..head.len()], head);
     assert_eq!(&reply[head.len()..], &pattern(3, 1 << 20)[..]);
@@ -181,14 +211,22 @@ async fn backend_closing_first_ends_the_connection_cleanly() {
     let sluice = Sluice::start(&config(port, named.addr, "")).await;
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut got = String::new();
-    tokio::time::timeout(DEADLINE, c.read_to_string(&mut got)).await.expect("EOF after the backend closed").unwrap();
+    tokio::time::timeout(DEADLINE, c.read_to_string(&mut got))
+        .await
+        .expect("EOF after the backend closed")
+        .unwrap();
     assert_eq!(got, "bye\n");
     drop(c);
     wait_until("no connection left open", || async {
         let m = sluice.metrics().await;
-        m.value("sluice_listener_connections_active", &[("listener", "front")]) == 0.0
-            && m.value("sluice_backend_connections_active", &[("pool", "app"), ("backend", &named.addr.to_string())])
-                == 0.0
+        m.value(
+            "sluice_listener_connections_active",
+            &[("listener", "front")],
+        ) == 0.0
+            && m.value(
+                "sluice_backend_connections_active",
+                &[("pool", "app"), ("backend", &named.addr.to_string())],
+            ) == 0.0
     })
     .await;
 }
@@ -204,19 +242,26 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
     let started = Instant::now();
     let idle_closed = tokio::spawn(async move {
         let mut buf = [0u8; 1];
-        let n = tokio::time::timeout(DEADLINE, idle.read(&mut buf)).await.expect("idle connection closed");
+        let n = tokio::time::timeout(DEADLINE, idle.read(&mut buf))
+            .await
+            .expect("idle connection closed");
         (n.map(|n| n == 0).unwrap_or(true), started.elapsed())
     });
     // Traffic every 100 ms keeps the busy one alive well past the limit.
     while !idle_closed.is_finished() || started.elapsed() < Duration::from_millis(1200) {
         busy.write_all(b"x").await.unwrap();
         let mut one = [0u8; 1];
-        busy.read_exact(&mut one).await.expect("busy connection still open");
+        busy.read_exact(&mut one)
+            .await
+            .expect("busy connection still open");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (eof, after) = idle_closed.await.unwrap();
     assert!(eof, "idle connection ended with EOF or reset");
-    assert!(after >= Duration::from_millis(400), "closed before the idle timeout: {after:?}");
+    assert!(
+        after >= Duration::from_millis(400),
+        "closed before the idle timeout: {after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,14 +279,25 @@ async fn max_connections_refuses_and_counts() {
     }
     let mut third = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, third.read_to_end(&mut buf)).await.expect("refused connection closed");
+    let _ = tokio::time::timeout(DEADLINE, third.read_to_end(&mut buf))
+        .await
+        .expect("refused connection closed");
     assert!(buf.is_empty());
     let m = sluice.metrics().await;
-    assert_eq!(m.value("sluice_listener_rejected_total", &[("listener", "front"), ("reason", "max_connections")]), 1.0);
+    assert_eq!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "max_connections")]
+        ),
+        1.0
+    );
     // A slot frees up: the next client is served.
     drop(held.pop());
     wait_until("a slot is free", || async {
-        sluice.metrics().await.value("sluice_listener_connections_active", &[("listener", "front")]) == 1.0
+        sluice.metrics().await.value(
+            "sluice_listener_connections_active",
+            &[("listener", "front")],
+        ) == 1.0
     })
     .await;
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -101,13 +101,13 @@ pools:
     assert_eq!(
         got,
         [
+            "listeners.web.pool: no pool is named `missing` (pools: app) (line 4, column 5)",
+            "listeners.web.max_conections: unknown key `max_conections` (did you mean `max_connections`?) (line 5, column 5)",
             "pools.app.algorithm: `round_robbin` is not one of: round_robin, least_connections, random, source_hash (did you mean `round_robin`?) (line 8, column 5)",
             "pools.app.health_check.rise: must be at least 1 (line 10, column 7)",
             "pools.app.health_check.fall: must be at most 100 (line 11, column 7)",
             "pools.app.backends[0].weight: must be at least 1 (line 14, column 9)",
             "pools.app.backends[1]: `10.0.0.1` has no port; write it as host:port (line 15, column 9)",
-            "listeners.web.max_conections: unknown key `max_conections` (did you mean `max_connections`?) (line 5, column 5)",
-            "listeners.web.pool: no pool is named `missing` (pools: app) (line 4, column 5)",
         ]
     );
 }
@@ -233,9 +233,9 @@ fn missing_sections_and_bad_names() {
     assert_eq!(
         got,
         [
-            "extra: unknown key `extra` (expected one of: server, admin, listeners, pools) (line 3, column 1)",
-            "pools: must have at least one entry (line 2, column 1)",
             "listeners.Web: names may only use a-z, 0-9, `_` and `-` (line 1, column 14)",
+            "pools: must have at least one entry (line 2, column 1)",
+            "extra: unknown key `extra` (expected one of: server, admin, listeners, pools) (line 3, column 1)",
         ]
     );
 }

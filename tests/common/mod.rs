@@ -53,7 +53,7 @@ pub fn reserve_port() -> u16 {
 
 /// A running sluice process; killed when dropped.
 pub struct Sluice {
-    child: Child,
+    child: Mutex<Child>,
     /// The admin listener.
     pub admin: SocketAddr,
     log: Arc<Mutex<String>>,
@@ -89,7 +89,13 @@ impl Sluice {
                 l.push('\n');
             }
         });
-        Sluice { child, admin, log, _dir: dir, config_path }
+        Sluice {
+            child: Mutex::new(child),
+            admin,
+            log,
+            _dir: dir,
+            config_path,
+        }
     }
 
     /// Start sluice and wait until `/readyz` answers 200.
@@ -105,6 +111,12 @@ impl Sluice {
         loop {
             if let Ok((200, _)) = http_get(self.admin, "/readyz").await {
                 return;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "sluice exited ({status}) before it was ready; log:\n{}",
+                    self.log()
+                );
             }
             assert!(
                 start.elapsed() < DEADLINE,
@@ -122,46 +134,57 @@ impl Sluice {
 
     /// Wait until the log contains `needle`.
     pub async fn wait_log(&self, needle: &str) {
-        wait_until(&format!("log line `{needle}`"), || async { self.log().contains(needle) }).await;
+        wait_until(&format!("log line `{needle}`"), || async {
+            self.log().contains(needle)
+        })
+        .await;
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.lock().unwrap().id()
     }
 
     /// Send `sig` to this sluice process.
     pub fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+        kill(Pid::from_raw(self.pid() as i32), sig).unwrap();
     }
 
     /// The exit status, if it has exited.
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().unwrap()
+    pub fn try_wait(&self) -> Option<ExitStatus> {
+        self.child.lock().unwrap().try_wait().unwrap()
     }
 
     /// Wait for the process to exit, failing after `limit`.
-    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+    pub async fn wait_exit(&self, limit: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.try_wait() {
                 return status;
             }
-            assert!(start.elapsed() < limit, "sluice did not exit within {limit:?}; log:\n{}", self.log());
+            assert!(
+                start.elapsed() < limit,
+                "sluice did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Scrape `/metrics`.
     pub async fn metrics(&self) -> Scrape {
-        let (status, body) = http_get(self.admin, "/metrics").await.expect("scrape /metrics");
+        let (status, body) = http_get(self.admin, "/metrics")
+            .await
+            .expect("scrape /metrics");
         assert_eq!(status, 200);
         Scrape::parse(&body)
     }
 
     /// `GET /api/v1/pools`, parsed.
     pub async fn pools(&self) -> serde_json::Value {
-        let (status, body) = http_get(self.admin, "/api/v1/pools").await.expect("GET /api/v1/pools");
+        let (status, body) = http_get(self.admin, "/api/v1/pools")
+            .await
+            .expect("GET /api/v1/pools");
         assert_eq!(status, 200);
         serde_json::from_str(&body).unwrap()
     }
@@ -205,9 +228,10 @@ impl Sluice {
 
 impl Drop for Sluice {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         if std::thread::panicking() {
             eprintln!("---- sluice log ----\n{}", self.log());
@@ -221,10 +245,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 }
 
 /// A minimal HTTP/1.1 request; returns status and body.
-pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
         .await
@@ -235,8 +265,33 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
+}
+
+/// `name{b="2",a="1"}` as `name{a="1",b="2"}`, so lookups ignore label order.
+/// (Label values here never contain `",`.)
+fn normalize(series: &str) -> String {
+    let Some((name, rest)) = series.split_once('{') else {
+        return series.to_string();
+    };
+    let inner = rest.trim_end_matches('}');
+    let mut pairs: Vec<String> = inner
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.ends_with('"') {
+                p.to_string()
+            } else {
+                format!("{p}\"")
+            }
+        })
+        .collect();
+    pairs.sort();
+    format!("{name}{{{}}}", pairs.join(","))
 }
 
 /// A parsed `/metrics` scrape.
@@ -253,10 +308,13 @@ impl Scrape {
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .filter_map(|l| {
                 let (series, value) = l.rsplit_once(' ')?;
-                Some((series.to_string(), value.parse().ok()?))
+                Some((normalize(series), value.parse().ok()?))
             })
             .collect();
-        Scrape { text: text.to_string(), samples }
+        Scrape {
+            text: text.to_string(),
+            samples,
+        }
     }
 
     /// The value of `name` with exactly `labels`, if present.
@@ -315,10 +373,13 @@ impl Backend {
     }
 
     fn serve(&mut self, listener: TcpListener) {
-        let (name, behavior, accepted) = (self.name.clone(), self.behavior, Arc::clone(&self.accepted));
+        let (name, behavior, accepted) =
+            (self.name.clone(), self.behavior, Arc::clone(&self.accepted));
         self.task = Some(tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { continue };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    continue;
+                };
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let name = name.clone();
                 tokio::spawn(async move {
@@ -349,7 +410,10 @@ impl Backend {
     pub async fn stop_and_wait(&mut self) {
         self.stop();
         let addr = self.addr;
-        wait_until("backend port closed", || async move { TcpStream::connect(addr).await.is_err() }).await;
+        wait_until("backend port closed", || async move {
+            TcpStream::connect(addr).await.is_err()
+        })
+        .await;
     }
 
     /// Listen again on the same port.
@@ -374,7 +438,9 @@ impl Drop for Backend {
 
 /// Connect to `addr` and read until the peer closes; returns what was read.
 pub async fn read_all(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect through sluice");
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect through sluice");
     let mut out = String::new();
     tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
         .await
@@ -407,7 +473,8 @@ impl Blackhole {
     pub fn new() -> Blackhole {
         use socket2::{Domain, Socket, Type};
         let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
         l.listen(0).unwrap();
         let addr = l.local_addr().unwrap().as_socket().unwrap();
         // Fill the accept queue; further handshakes are dropped by the kernel.
@@ -417,7 +484,11 @@ impl Blackhole {
                 fillers.push(s);
             }
         }
-        Blackhole { addr, _listener: l, _fillers: fillers }
+        Blackhole {
+            addr,
+            _listener: l,
+            _fillers: fillers,
+        }
     }
 
     /// Whether a connect to it indeed does not complete within `wait`.

@@ -1,0 +1,56 @@
+# sluice: the two commands a newcomer needs are `make run` and `make test`.
+# Both install what they need on a fresh Debian machine first.
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
+DEB_PACKAGES := cmake prometheus
+
+.PHONY: help deps build release run test lint fmt clippy unit check-config docker-build docker-up docker-down clean
+
+help:
+	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
+	@echo "make test     lint and run every test (unit + integration over real sockets)"
+	@echo "make release  build target/release/sluice"
+	@echo "make deps     install the Debian packages the build and tests need"
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+build: deps
+	$(CARGO) build --locked --bin sluice --example demo_backend
+
+release: deps
+	$(CARGO) build --locked --release --bin sluice
+
+run: build
+	./scripts/demo.sh
+
+test: deps lint
+	$(CARGO) test --locked
+
+lint:
+	@if $(CARGO) fmt --version >/dev/null 2>&1; then $(CARGO) fmt --check; \
+	else echo "WARNING: rustfmt is not installed; skipping the format check"; fi
+	@if $(CARGO) clippy --version >/dev/null 2>&1; then $(CARGO) clippy --locked --all-targets -- -D warnings; \
+	else echo "WARNING: clippy is not installed; skipping lints"; fi
+
+check-config: build
+	@for f in conf/*.yaml; do ./target/debug/sluice -t -c $$f >/dev/null && echo "ok  $$f" || exit 1; done
+
+docker-build:
+	docker build -f docker/Dockerfile -t sluice:latest .
+
+docker-up:
+	docker compose -f docker/docker-compose.yml up --build
+
+docker-down:
+	docker compose -f docker/docker-compose.yml down
+
+clean:
+	$(CARGO) clean

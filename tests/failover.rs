@@ -1,0 +1,245 @@
+//! Failover: backups in active_active, ordered standby in active_passive
+//! with automatic and manual failback, and skipping a refusing backend.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::*;
+
+const CHECK: &str = "health_check: { interval: 100ms, timeout: 100ms, rise: 2, fall: 2 }";
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn names(counts: &HashMap<String, usize>) -> Vec<&str> {
+    let mut v: Vec<&str> = counts.keys().map(String::as_str).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_serves_only_while_every_primary_is_down() {
+    let mut a = Backend::start("a", Behavior::Name).await;
+    let mut b = Backend::start("b", Behavior::Name).await;
+    let c = Backend::start("c", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&format!(
+        "admin: {{ bind: '{{admin}}' }}
+listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
+pools:
+  app:
+    {CHECK}
+    backends:
+      - address: '{}'
+      - address: '{}'
+      - {{ address: '{}', backup: true }}
+",
+        a.addr, b.addr, c.addr
+    ))
+    .await;
+
+    assert_eq!(
+        names(&tally(addr(port), 30).await),
+        ["a", "b"],
+        "backup idle while primaries are up"
+    );
+
+    a.stop_and_wait().await;
+    sluice.wait_active("app", &[b.addr]).await;
+    assert_eq!(
+        names(&tally(addr(port), 20).await),
+        ["b"],
+        "one primary left: still no backup"
+    );
+
+    b.stop_and_wait().await;
+    sluice.wait_active("app", &[c.addr]).await;
+    assert_eq!(
+        names(&tally(addr(port), 20).await),
+        ["c"],
+        "every primary down: the backup serves"
+    );
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value("sluice_pool_failovers_total", &[("pool", "app")]),
+        1.0
+    );
+
+    a.restart().await;
+    sluice.wait_active("app", &[a.addr]).await;
+    assert_eq!(
+        names(&tally(addr(port), 20).await),
+        ["a"],
+        "a primary is back: the backup stops"
+    );
+}
+
+fn active_passive(port: u16, failback: &str, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|a| format!("      - address: '{a}'"))
+        .collect();
+    format!(
+        "admin: {{ bind: '{{admin}}' }}
+listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: db }} }}
+pools:
+  db:
+    mode: active_passive
+    failback: {failback}
+    {CHECK}
+    backends:
+{}
+",
+        list.join("\n")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_passive_fails_over_and_back_automatically() {
+    let mut first = Backend::start("first", Behavior::Name).await;
+    let second = Backend::start("second", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&active_passive(port, "auto", &[first.addr, second.addr])).await;
+
+    assert_eq!(names(&tally(addr(port), 20).await), ["first"]);
+    first.stop_and_wait().await;
+    sluice.wait_active("db", &[second.addr]).await;
+    assert_eq!(names(&tally(addr(port), 20).await), ["second"]);
+    first.restart().await;
+    sluice.wait_active("db", &[first.addr]).await;
+    assert_eq!(names(&tally(addr(port), 20).await), ["first"]);
+    sluice
+        .wait_log(&format!(
+            "is the active backend again (was {})",
+            second.addr
+        ))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_passive_manual_failback_stays_until_told() {
+    let mut first = Backend::start("first", Behavior::Name).await;
+    let second = Backend::start("second", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&active_passive(port, "manual", &[first.addr, second.addr])).await;
+
+    assert_eq!(names(&tally(addr(port), 10).await), ["first"]);
+    first.stop_and_wait().await;
+    sluice.wait_active("db", &[second.addr]).await;
+    first.restart().await;
+    wait_until("first is up again", || async {
+        sluice.backend_state("db", first.addr).await == "up"
+    })
+    .await;
+    assert_eq!(
+        sluice.active_backends("db").await,
+        [second.addr.to_string()]
+    );
+    assert_eq!(
+        names(&tally(addr(port), 20).await),
+        ["second"],
+        "manual failback: traffic stays"
+    );
+
+    // An operator moves traffic back.
+    let (status, body) = http_request(
+        sluice.admin,
+        "POST",
+        &format!("/api/v1/pools/db/active?backend={}", first.addr),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sluice.active_backends("db").await, [first.addr.to_string()]);
+    assert_eq!(names(&tally(addr(port), 10).await), ["first"]);
+
+    // Refusals name the reason.
+    let (status, body) = http_request(
+        sluice.admin,
+        "POST",
+        "/api/v1/pools/db/active?backend=127.0.0.1:1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("has no backend `127.0.0.1:1`"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_backend_is_skipped_without_client_errors() {
+    let mut bad = Backend::start("bad", Behavior::Name).await;
+    let good = Backend::start("good", Behavior::Name).await;
+    let port = reserve_port();
+    // Checks are slow to notice, so real traffic meets the refusing backend first.
+    let sluice = Sluice::start(&format!(
+        "admin: {{ bind: '{{admin}}' }}
+listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
+pools:
+  app:
+    health_check: {{ interval: 1m, timeout: 1s }}
+    backends: ['{}', '{}']
+",
+        bad.addr, good.addr
+    ))
+    .await;
+    bad.stop_and_wait().await;
+    assert_eq!(
+        sluice.active_backends("app").await.len(),
+        2,
+        "checks have not noticed yet"
+    );
+    let counts = tally(addr(port), 20).await;
+    assert_eq!(counts, HashMap::from([("good".to_string(), 20)]));
+    let m = sluice.metrics().await;
+    let refused = m.value(
+        "sluice_backend_connect_errors_total",
+        &[
+            ("pool", "app"),
+            ("backend", &bad.addr.to_string()),
+            ("kind", "refused"),
+        ],
+    );
+    assert!(refused >= 10.0, "refused connects counted: {refused}");
+    assert_eq!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "no_backend")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_backend_means_immediate_close_and_a_count() {
+    let mut only = Backend::start("only", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&format!(
+        "admin: {{ bind: '{{admin}}' }}
+listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
+pools:
+  app:
+    {CHECK}
+    backends: ['{}']
+",
+        only.addr
+    ))
+    .await;
+    only.stop_and_wait().await;
+    sluice.wait_active("app", &[]).await;
+    assert_eq!(read_all(addr(port)).await, "", "closed without data");
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "no_backend")]
+        ),
+        1.0
+    );
+    sluice.wait_log("no backend is available").await;
+}

@@ -1,0 +1,133 @@
+//! Signals: SIGTERM drains (unready, then listeners close, then open
+//! connections finish or are cut at the timeout), SIGINT exits at once,
+//! SIGHUP does not kill.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(port: u16, backend: SocketAddr, grace: &str, timeout: &str) -> String {
+    format!(
+        "admin: {{ bind: '{{admin}}' }}
+server: {{ grace_period: {grace}, shutdown_timeout: {timeout} }}
+listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
+pools:
+  app:
+    health_check: {{ interval: 200ms, timeout: 100ms, rise: 1, fall: 1 }}
+    backends: ['{backend}']
+"
+    )
+}
+
+async fn echo_once(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_connection_finish_then_exits_zero() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&config(port, echo.addr, "500ms", "20s")).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    echo_once(&mut c, b"before").await;
+
+    sluice.signal(Signal::SIGTERM);
+    wait_until("unready after SIGTERM", || async {
+        matches!(
+            http_get(sluice.admin, "/readyz").await,
+            Ok((503, _)) | Err(_)
+        )
+    })
+    .await;
+    // After the grace period the listener is closed...
+    wait_until("listener closed", || async {
+        TcpStream::connect(("127.0.0.1", port)).await.is_err()
+    })
+    .await;
+    // ...while the open connection keeps working.
+    echo_once(&mut c, b"during shutdown").await;
+    assert!(
+        sluice.try_wait().is_none(),
+        "still running while a connection is open"
+    );
+
+    let closed = Instant::now();
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    drop(c);
+    let status = sluice.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", sluice.log());
+    assert!(
+        closed.elapsed() < Duration::from_secs(10),
+        "exited well before the 20s timeout"
+    );
+    assert!(sluice.log().contains("all connections finished; exiting"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_connections_that_outlive_the_timeout() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&config(port, echo.addr, "0s", "1s")).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    echo_once(&mut c, b"hello").await;
+    let started = Instant::now();
+    sluice.signal(Signal::SIGTERM);
+    let status = sluice.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the connection got its full timeout"
+    );
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, c.read_to_end(&mut rest))
+        .await
+        .expect("connection closed");
+    assert!(
+        sluice
+            .log()
+            .contains("shutdown timeout (1s) reached: closing 1 open connection(s)")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_exits_at_once() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&config(port, echo.addr, "5s", "30s")).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    echo_once(&mut c, b"hello").await;
+    sluice.signal(Signal::SIGINT);
+    // Well under the 5 s grace period and 30 s timeout.
+    let status = sluice.wait_exit(Duration::from_secs(3)).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_kill() {
+    let named = Backend::start("still-here", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&config(port, named.addr, "1s", "5s")).await;
+    sluice.signal(Signal::SIGHUP);
+    sluice.wait_log("SIGHUP received").await;
+    assert!(sluice.try_wait().is_none());
+    assert_eq!(
+        read_all(SocketAddr::from(([127, 0, 0, 1], port))).await,
+        "still-here\n"
+    );
+    let (status, _) = http_get(sluice.admin, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+}
