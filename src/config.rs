@@ -421,6 +421,25 @@ impl Config {
     }
 
     /// Validate a YAML document.
+    ///
+    /// ```
+    /// use sluice::config::{Config, ConfigError};
+    ///
+    /// let ok = Config::from_yaml(
+    ///     "listeners: { web: { bind: 0.0.0.0:8080, pool: app } }\n\
+    ///      pools: { app: { backends: [10.0.0.1:80, 10.0.0.2:80] } }",
+    /// )
+    /// .unwrap();
+    /// assert_eq!(ok.pools[0].backends.len(), 2);
+    ///
+    /// let Err(ConfigError::Invalid(problems)) = Config::from_yaml(
+    ///     "listeners: { web: { bind: 0.0.0.0:8080, pool: app } }\n\
+    ///      pools: { app: { health_check: { rise: 0 }, backends: [10.0.0.1:80] } }",
+    /// ) else {
+    ///     panic!("rise 0 is invalid")
+    /// };
+    /// assert_eq!(problems[0].to_string(), "pools.app.health_check.rise: must be at least 1 (line 2, column 33)");
+    /// ```
     pub fn from_yaml(src: &str) -> Result<Config, ConfigError> {
         let mut value: Value = match serde_yaml::from_str(src) {
             Ok(v) => v,
