@@ -137,12 +137,10 @@ impl ListenerApp {
                 return;
             }
         }
-        let client_addr = client
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().cloned());
-        let key = match (&client_addr, self.pool.needs_client_key()) {
-            (Some(PingoraAddr::Inet(a)), true) => ip_key(a),
-            _ => Vec::new(),
+        let key = if self.pool.needs_client_key() {
+            client_ip_key(&client)
+        } else {
+            Vec::new()
         };
         let started = Instant::now();
         let Some((backend, mut upstream)) = self.connect(&key).await else {
@@ -169,26 +167,22 @@ impl ListenerApp {
         let (end, totals) =
             relay::relay(&mut client, &mut upstream, self.idle_timeout, up, down).await;
         m.duration.observe(started.elapsed().as_secs_f64());
-        let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
-        match end {
-            End::Done => {}
-            End::IdleTimeout => debug!(
-                "listener {}: {client_text} -> {}: idle timeout, closing",
-                self.name, backend.address
-            ),
-            End::Error(side, e) => debug!(
-                "listener {}: {client_text} -> {}: {side:?} side: {e}",
-                self.name, backend.address
-            ),
+        if log::log_enabled!(log::Level::Debug) {
+            let client_text = peer_addr(&client).map_or_else(|| "?".to_string(), |a| a.to_string());
+            let how = match end {
+                End::Done => "closed".to_string(),
+                End::IdleTimeout => "idle timeout".to_string(),
+                End::Error(side, e) => format!("{side:?} side error: {e}"),
+            };
+            debug!(
+                "listener {}: {client_text} -> {}: {how} after {:?}, {} bytes in, {} out",
+                self.name,
+                backend.address,
+                started.elapsed(),
+                totals.to_backend,
+                totals.to_client
+            );
         }
-        debug!(
-            "listener {}: {client_text} -> {} closed after {:?}: {} bytes in, {} out",
-            self.name,
-            backend.address,
-            started.elapsed(),
-            totals.to_backend,
-            totals.to_client
-        );
     }
 
     /// Connect to a backend, trying up to `connect_attempts` candidates.
@@ -261,11 +255,20 @@ fn since_last(skipped: u64) -> String {
     }
 }
 
-/// The bytes of a client address used as a hash key.
-fn ip_key(addr: &SocketAddr) -> Vec<u8> {
-    match addr.ip() {
-        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+/// The client's address.
+fn peer_addr(client: &Stream) -> Option<SocketAddr> {
+    match client.get_socket_digest()?.peer_addr()? {
+        PingoraAddr::Inet(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// The bytes of the client's IP, the key for hash-based selection.
+fn client_ip_key(client: &Stream) -> Vec<u8> {
+    match peer_addr(client).map(|a| a.ip()) {
+        Some(std::net::IpAddr::V4(ip)) => ip.octets().to_vec(),
+        Some(std::net::IpAddr::V6(ip)) => ip.octets().to_vec(),
+        None => Vec::new(),
     }
 }
 

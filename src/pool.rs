@@ -215,13 +215,15 @@ impl Pool {
 
     /// Record that the first health-check round has finished.
     pub fn mark_ready(&self) {
-        let ctl = lock(&self.control);
+        let mut ctl = lock(&self.control);
         self.first_round_done.store(true, Relaxed);
-        if ctl.reported_empty || ctl.published.is_empty() {
+        // `recompute` stays quiet before this point; report an empty start once here.
+        if ctl.published.is_empty() {
             error!(
                 "pool {}: no backend is available; clients are refused",
                 self.name
             );
+            ctl.reported_empty = true;
         }
     }
 

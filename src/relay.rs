@@ -239,31 +239,37 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
-    fn counters() -> (IntCounter, IntCounter) {
-        (
-            IntCounter::new("a", "a").unwrap(),
-            IntCounter::new("b", "b").unwrap(),
-        )
+    type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
+
+    /// A relay between two in-memory pipes; returns the client's end, the
+    /// backend's end and the relay task.
+    fn spawn_relay(idle: Option<Duration>) -> (Ends, tokio::task::JoinHandle<(End, Totals)>) {
+        let (client_end, mut proxy_client) = duplex(64);
+        let (mut proxy_backend, backend_end) = duplex(64);
+        let task = tokio::spawn(async move {
+            let (l, b) = (
+                IntCounter::new("l", "l").unwrap(),
+                IntCounter::new("b", "b").unwrap(),
+            );
+            let meter = || Meter {
+                listener: &l,
+                backend: &b,
+            };
+            relay(
+                &mut proxy_client,
+                &mut proxy_backend,
+                idle,
+                meter(),
+                meter(),
+            )
+            .await
+        });
+        ((client_end, backend_end), task)
     }
 
     #[tokio::test]
     async fn half_close_still_delivers_the_reply() {
-        let (mut client_end, mut proxy_client) = duplex(64);
-        let (mut proxy_backend, mut backend_end) = duplex(64);
-        let (l, b) = counters();
-        let relay = tokio::spawn(async move {
-            let (up, down) = (
-                Meter {
-                    listener: &l,
-                    backend: &b,
-                },
-                Meter {
-                    listener: &l,
-                    backend: &b,
-                },
-            );
-            relay(&mut proxy_client, &mut proxy_backend, None, up, down).await
-        });
+        let ((mut client_end, mut backend_end), relay) = spawn_relay(None);
         client_end.write_all(b"question").await.unwrap();
         client_end.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -291,29 +297,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_fires_only_after_silence() {
-        let (mut client_end, mut proxy_client) = duplex(64);
-        let (mut proxy_backend, mut backend_end) = duplex(64);
-        let (l, b) = counters();
-        let relay = tokio::spawn(async move {
-            let (up, down) = (
-                Meter {
-                    listener: &l,
-                    backend: &b,
-                },
-                Meter {
-                    listener: &l,
-                    backend: &b,
-                },
-            );
-            relay(
-                &mut proxy_client,
-                &mut proxy_backend,
-                Some(Duration::from_secs(10)),
-                up,
-                down,
-            )
-            .await
-        });
+        let ((mut client_end, mut backend_end), relay) = spawn_relay(Some(Duration::from_secs(10)));
         // Traffic every 6 s keeps the connection open past the 10 s limit.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(6)).await;

@@ -15,21 +15,13 @@ use tokio::io::AsyncReadExt;
 fn config(listen: u16, algorithm: &str, backends: &[(SocketAddr, u32)]) -> String {
     let list: Vec<String> = backends
         .iter()
-        .map(|(a, w)| format!("      - {{ address: '{a}', weight: {w} }}"))
+        .map(|(a, w)| format!("  - {{ address: '{a}', weight: {w} }}"))
         .collect();
-    format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners:
-  front: {{ bind: 127.0.0.1:{listen}, pool: app }}
-pools:
-  app:
-    algorithm: {algorithm}
-    health_check: {{ interval: 1s, timeout: 500ms, rise: 1, fall: 1 }}
-    backends:
-{}
-",
+    let pool = format!(
+        "algorithm: {algorithm}\nhealth_check: {{ interval: 1s, timeout: 500ms, rise: 1, fall: 1 }}\nbackends:\n{}",
         list.join("\n")
-    )
+    );
+    front_to_app(listen, "", &pool)
 }
 
 fn addr(port: u16) -> SocketAddr {

@@ -29,18 +29,13 @@ async fn backup_serves_only_while_every_primary_is_down() {
     let mut b = Backend::start("b", Behavior::Name).await;
     let c = Backend::start("c", Behavior::Name).await;
     let port = reserve_port();
-    let sluice = Sluice::start(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
-pools:
-  app:
-    {CHECK}
-    backends:
-      - address: '{}'
-      - address: '{}'
-      - {{ address: '{}', backup: true }}
-",
-        a.addr, b.addr, c.addr
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "{CHECK}\nbackends:\n  - address: '{}'\n  - address: '{}'\n  - {{ address: '{}', backup: true }}",
+            a.addr, b.addr, c.addr
+        ),
     ))
     .await;
 
@@ -83,21 +78,13 @@ pools:
 fn active_passive(port: u16, failback: &str, backends: &[SocketAddr]) -> String {
     let list: Vec<String> = backends
         .iter()
-        .map(|a| format!("      - address: '{a}'"))
+        .map(|a| format!("  - address: '{a}'"))
         .collect();
-    format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: db }} }}
-pools:
-  db:
-    mode: active_passive
-    failback: {failback}
-    {CHECK}
-    backends:
-{}
-",
+    let pool = format!(
+        "mode: active_passive\nfailback: {failback}\n{CHECK}\nbackends:\n{}",
         list.join("\n")
-    )
+    );
+    front_to_app(port, "", &pool)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,10 +96,10 @@ async fn active_passive_fails_over_and_back_automatically() {
 
     assert_eq!(names(&tally(addr(port), 20).await), ["first"]);
     first.stop_and_wait().await;
-    sluice.wait_active("db", &[second.addr]).await;
+    sluice.wait_active("app", &[second.addr]).await;
     assert_eq!(names(&tally(addr(port), 20).await), ["second"]);
     first.restart().await;
-    sluice.wait_active("db", &[first.addr]).await;
+    sluice.wait_active("app", &[first.addr]).await;
     assert_eq!(names(&tally(addr(port), 20).await), ["first"]);
     sluice
         .wait_log(&format!(
@@ -131,14 +118,14 @@ async fn active_passive_manual_failback_stays_until_told() {
 
     assert_eq!(names(&tally(addr(port), 10).await), ["first"]);
     first.stop_and_wait().await;
-    sluice.wait_active("db", &[second.addr]).await;
+    sluice.wait_active("app", &[second.addr]).await;
     first.restart().await;
     wait_until("first is up again", || async {
-        sluice.backend_state("db", first.addr).await == "up"
+        sluice.backend_state("app", first.addr).await == "up"
     })
     .await;
     assert_eq!(
-        sluice.active_backends("db").await,
+        sluice.active_backends("app").await,
         [second.addr.to_string()]
     );
     assert_eq!(
@@ -151,19 +138,22 @@ async fn active_passive_manual_failback_stays_until_told() {
     let (status, body) = http_request(
         sluice.admin,
         "POST",
-        &format!("/api/v1/pools/db/active?backend={}", first.addr),
+        &format!("/api/v1/pools/app/active?backend={}", first.addr),
     )
     .await
     .unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(sluice.active_backends("db").await, [first.addr.to_string()]);
+    assert_eq!(
+        sluice.active_backends("app").await,
+        [first.addr.to_string()]
+    );
     assert_eq!(names(&tally(addr(port), 10).await), ["first"]);
 
     // Refusals name the reason.
     let (status, body) = http_request(
         sluice.admin,
         "POST",
-        "/api/v1/pools/db/active?backend=127.0.0.1:1",
+        "/api/v1/pools/app/active?backend=127.0.0.1:1",
     )
     .await
     .unwrap();
@@ -177,15 +167,13 @@ async fn refusing_backend_is_skipped_without_client_errors() {
     let good = Backend::start("good", Behavior::Name).await;
     let port = reserve_port();
     // Checks are slow to notice, so real traffic meets the refusing backend first.
-    let sluice = Sluice::start(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
-pools:
-  app:
-    health_check: {{ interval: 1m, timeout: 1s }}
-    backends: ['{}', '{}']
-",
-        bad.addr, good.addr
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "health_check: {{ interval: 1m, timeout: 1s }}\nbackends: ['{}', '{}']",
+            bad.addr, good.addr
+        ),
     ))
     .await;
     bad.stop_and_wait().await;
@@ -219,15 +207,10 @@ pools:
 async fn no_backend_means_immediate_close_and_a_count() {
     let mut only = Backend::start("only", Behavior::Name).await;
     let port = reserve_port();
-    let sluice = Sluice::start(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
-pools:
-  app:
-    {CHECK}
-    backends: ['{}']
-",
-        only.addr
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!("{CHECK}\nbackends: ['{}']", only.addr),
     ))
     .await;
     only.stop_and_wait().await;

@@ -27,15 +27,13 @@ async fn fall_failures_mark_down_and_rise_successes_mark_up() {
     let mut b = Backend::start("b", Behavior::Name).await;
     let port = reserve_port();
     // Slow rounds leave plenty of time to look between two checks.
-    let sluice = Sluice::start(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
-pools:
-  app:
-    health_check: {{ interval: 400ms, timeout: 200ms, rise: 3, fall: 2 }}
-    backends: ['{}']
-",
-        b.addr
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "health_check: {{ interval: 400ms, timeout: 200ms, rise: 3, fall: 2 }}\nbackends: ['{}']",
+            b.addr
+        ),
     ))
     .await;
     assert_eq!(sluice.backend_state("app", b.addr).await, "up");
@@ -118,15 +116,13 @@ async fn not_ready_and_not_listening_until_the_first_round_ends() {
     let good = Backend::start("good", Behavior::Name).await;
     let port = reserve_port();
     // The blackholed backend makes the first round last the full 1.5 s timeout.
-    let sluice = Sluice::spawn(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
-pools:
-  app:
-    health_check: {{ interval: 2s, timeout: 1500ms }}
-    backends: ['{}', '{}']
-",
-        hole.addr, good.addr
+    let sluice = Sluice::spawn(&front_to_app(
+        port,
+        "",
+        &format!(
+            "health_check: {{ interval: 2s, timeout: 1500ms }}\nbackends: ['{}', '{}']",
+            hole.addr, good.addr
+        ),
     ));
     wait_until("admin answers", || async {
         http_get(sluice.admin, "/healthz").await.is_ok()
@@ -159,15 +155,13 @@ pools:
 async fn unresolvable_names_are_down_not_fatal() {
     let good = Backend::start("good", Behavior::Name).await;
     let port = reserve_port();
-    let sluice = Sluice::start(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app }} }}
-pools:
-  app:
-    health_check: {{ interval: 1s, timeout: 1s }}
-    backends: ['not-started-yet.invalid:80', 'localhost:{}']
-",
-        good.addr.port()
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "health_check: {{ interval: 1s, timeout: 1s }}\nbackends: ['not-started-yet.invalid:80', 'localhost:{}']",
+            good.addr.port()
+        ),
     ))
     .await;
     let v = sluice.pools().await;

@@ -16,18 +16,11 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
     let good = Backend::start("good", Behavior::Echo).await;
     let mut gone = Backend::start("gone", Behavior::Echo).await;
     let port = reserve_port();
-    let sluice = Sluice::start(&format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners:
-  front: {{ bind: 127.0.0.1:{port}, pool: app, max_connections: 1 }}
-pools:
-  app:
-    health_check: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }}
-    backends: ['{}', '{}']
-",
+    let pool = format!(
+        "health_check: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }}\nbackends: ['{}', '{}']",
         good.addr, gone.addr
-    ))
-    .await;
+    );
+    let sluice = Sluice::start(&front_to_app(port, ", max_connections: 1", &pool)).await;
     let listener = [("listener", "front")];
     let b = |addr: SocketAddr| {
         [

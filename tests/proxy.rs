@@ -15,19 +15,13 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn config(listen: u16, backend: SocketAddr, extra: &str) -> String {
-    format!(
-        "admin: {{ bind: '{{admin}}' }}
-listeners:
-  front:
-    bind: 127.0.0.1:{listen}
-    pool: app
-{extra}
-pools:
-  app:
-    health_check: {{ interval: 200ms, timeout: 100ms, rise: 1, fall: 1 }}
-    backends: ['{backend}']
-"
+fn config(port: u16, backend: SocketAddr, listener: &str) -> String {
+    front_to_app(
+        port,
+        listener,
+        &format!(
+            "health_check: {{ interval: 200ms, timeout: 100ms, rise: 1, fall: 1 }}\nbackends: ['{backend}']"
+        ),
     )
 }
 
@@ -235,7 +229,7 @@ async fn backend_closing_first_ends_the_connection_cleanly() {
 async fn idle_connections_are_closed_busy_ones_are_not() {
     let echo = Backend::start("echo", Behavior::Echo).await;
     let port = reserve_port();
-    let _sluice = Sluice::start(&config(port, echo.addr, "    idle_timeout: 400ms")).await;
+    let _sluice = Sluice::start(&config(port, echo.addr, ", idle_timeout: 400ms")).await;
 
     let mut busy = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut idle = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -268,7 +262,7 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
 async fn max_connections_refuses_and_counts() {
     let echo = Backend::start("echo", Behavior::Echo).await;
     let port = reserve_port();
-    let sluice = Sluice::start(&config(port, echo.addr, "    max_connections: 2")).await;
+    let sluice = Sluice::start(&config(port, echo.addr, ", max_connections: 2")).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -51,6 +51,8 @@ enum Balancer {
 /// A pool's load balancer over its serving set.
 pub(super) struct Selector {
     membership: Arc<Membership>,
+    /// Size of the serving set, read per client without a lock.
+    size: AtomicUsize,
     balancer: Balancer,
 }
 
@@ -73,6 +75,7 @@ impl Selector {
         };
         Selector {
             membership,
+            size: AtomicUsize::new(0),
             balancer,
         }
     }
@@ -92,6 +95,7 @@ impl Selector {
                 b
             })
             .collect();
+        self.size.store(set.len(), Relaxed);
         *self.membership.0.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
         // Our discovery never waits, so the update completes in one poll.
         let done = match &self.balancer {
@@ -114,7 +118,7 @@ impl Selector {
         let accept =
             |b: &Backend, _healthy: bool| state_of(b).is_some_and(|s| !tried.contains(&s.index));
         // Fallback picks may repeat a backend; allow enough steps to see all.
-        let steps = 4 * self.len() + 8;
+        let steps = 4 * self.size.load(Relaxed) + 8;
         let b = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.select_with(key, steps, accept),
             Balancer::Random(lb) => lb.select_with(key, steps, accept),
@@ -127,14 +131,6 @@ impl Selector {
             _ => return None,
         };
         state_of(&b).map(|s| (Arc::clone(s), addr))
-    }
-
-    fn len(&self) -> usize {
-        self.membership
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
     }
 }
 

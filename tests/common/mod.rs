@@ -51,6 +51,19 @@ pub fn reserve_port() -> u16 {
     }
 }
 
+/// A configuration with the admin listener and one listener, `front` on
+/// 127.0.0.1:`port`, forwarding to pool `app`. `listener` is appended to the
+/// listener's settings (`", idle_timeout: 1s"`); `pool` holds the pool's keys,
+/// one per line, unindented.
+pub fn front_to_app(port: u16, listener: &str, pool: &str) -> String {
+    let body: String = pool.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: app{listener} }} }}\n\
+         pools:\n  app:\n{body}"
+    )
+}
+
 /// A running sluice process; killed when dropped.
 pub struct Sluice {
     child: Mutex<Child>,
