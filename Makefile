@@ -5,22 +5,33 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
 DEB_PACKAGES := cmake prometheus
+# The peers and load generators `make bench` runs side by side with sluice.
+BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
-.PHONY: help deps build release run test lint fmt clippy unit check-config docker-build docker-up docker-down clean
+.PHONY: help deps bench-deps build release run test bench lint check-config docker-build docker-up docker-down clean
 
 help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
 	@echo "make test     lint and run every test (unit + integration over real sockets)"
+	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~12 min)"
 	@echo "make release  build target/release/sluice"
 	@echo "make deps     install the Debian packages the build and tests need"
 
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Install the Debian packages named in $(1) that are missing.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEB_PACKAGES))
+
+bench-deps:
+	$(call apt_install,$(BENCH_PACKAGES))
 
 build: deps
 	$(CARGO) build --locked --bin sluice --example demo_backend
@@ -33,6 +44,9 @@ run: build
 
 test: deps lint
 	$(CARGO) test --locked
+
+bench: deps bench-deps release
+	python3 bench/bench.py
 
 lint:
 	@if $(CARGO) fmt --version >/dev/null 2>&1; then $(CARGO) fmt --check; \

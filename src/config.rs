@@ -100,6 +100,8 @@ pub struct ListenerSettings {
     pub max_connections: Option<usize>,
     /// Close a connection when no byte has moved either way for this long.
     pub idle_timeout: Option<Duration>,
+    /// Relay plain TCP with `splice(2)` (zero-copy) rather than through buffers.
+    pub splice: bool,
 }
 
 /// How a pool spreads connections over its backends.
@@ -664,7 +666,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
     let f = d.mapping(
         v,
         path,
-        &["bind", "pool", "max_connections", "idle_timeout"],
+        &["bind", "pool", "max_connections", "idle_timeout", "splice"],
     )?;
 
     let mut bind = Vec::new();
@@ -702,6 +704,11 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         .get("idle_timeout")
         .and_then(|v| d.duration_at_least(v, &f.path("idle_timeout"), Duration::from_millis(1)));
 
+    let splice = f
+        .get("splice")
+        .and_then(|v| d.boolean(v, &f.path("splice")))
+        .unwrap_or(true);
+
     if bind.is_empty() {
         return None;
     }
@@ -711,6 +718,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         pool: pool?,
         max_connections,
         idle_timeout,
+        splice,
     })
 }
 

@@ -10,6 +10,7 @@
 //! sockets are bound (for `/readyz`) and to stop the process when binding
 //! fails, which pingora would otherwise only log from a dead task.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use log::{debug, error, warn};
 use pingora::apps::ServerApp;
-use pingora::connectors::TransportConnector;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::Stream;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -26,13 +26,14 @@ use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service as ServiceTrait;
 use pingora::services::listening::Service;
-use pingora::upstreams::peer::BasicPeer;
 use prometheus::IntGauge;
+use tokio::net::TcpStream;
 
 use crate::config::ListenerSettings;
 use crate::lifecycle::Readiness;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
 use crate::pool::{BackendState, Pool};
+use crate::relay::socket::{self, Socket};
 use crate::relay::{self, End, Meter};
 
 /// Logs a repeated event at most once per interval, with a count of the rest.
@@ -88,9 +89,8 @@ pub struct ListenerApp {
     name: String,
     pool: Arc<Pool>,
     max_connections: Option<usize>,
-    idle_timeout: Option<Duration>,
+    relay: relay::Options,
     metrics: ListenerMetrics,
-    connector: TransportConnector,
     no_backend_log: LogLimiter,
     limit_log: LogLimiter,
 }
@@ -111,17 +111,19 @@ impl ListenerApp {
             name: settings.name.clone(),
             pool,
             max_connections: settings.max_connections,
-            idle_timeout: settings.idle_timeout,
+            relay: relay::Options {
+                idle_timeout: settings.idle_timeout,
+                splice: settings.splice,
+            },
             metrics,
-            connector: TransportConnector::new(None),
             no_backend_log: LogLimiter::new(),
             limit_log: LogLimiter::new(),
         }
     }
 
-    async fn serve(&self, mut client: Stream) {
+    /// Admit a client, connect it to a backend and relay until it is done.
+    async fn serve(&self, client: Client) {
         let m = &self.metrics;
-        m.connections.inc();
         m.active.inc();
         let _held = Held(&m.active);
         if let Some(max) = self.max_connections {
@@ -137,13 +139,17 @@ impl ListenerApp {
                 return;
             }
         }
-        let key = if self.pool.needs_client_key() {
-            client_ip_key(&client)
-        } else {
-            Vec::new()
+        let client_addr = (self.pool.needs_client_key() || log::log_enabled!(log::Level::Debug))
+            .then(|| client.peer_addr())
+            .flatten();
+        let key = match client_addr.filter(|_| self.pool.needs_client_key()) {
+            Some(a) => ip_key(a),
+            None => Vec::new(),
         };
         let started = Instant::now();
-        let Some((backend, mut upstream)) = self.connect(&key).await else {
+        // Boxed: the connect state is short-lived and must not size the
+        // future every idle connection keeps.
+        let Some((backend, upstream)) = Box::pin(self.connect(&key)).await else {
             m.rejected_no_backend.inc();
             if let Some(skipped) = self.no_backend_log.allow() {
                 warn!(
@@ -159,16 +165,40 @@ impl ListenerApp {
         let up = Meter {
             listener: &m.bytes_in,
             backend: &backend.metrics.bytes_in,
+            spliced: &m.spliced,
         };
         let down = Meter {
             listener: &m.bytes_out,
             backend: &backend.metrics.bytes_out,
+            spliced: &m.spliced,
         };
-        let (end, totals) =
-            relay::relay(&mut client, &mut upstream, self.idle_timeout, up, down).await;
+        let (end, totals) = match client {
+            Client::Tcp(tcp) => relay::relay_tcp(tcp, upstream, self.relay, up, down).await,
+            Client::Other(mut stream) => {
+                // This engine wants tokio's stream type; re-register the socket as one.
+                let mut upstream = match TcpStream::from_std(upstream.into_inner()) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        debug!(
+                            "listener {}: cannot register a backend socket: {e}",
+                            self.name
+                        );
+                        return;
+                    }
+                };
+                relay::relay_io(
+                    &mut stream,
+                    &mut upstream,
+                    self.relay.idle_timeout,
+                    up,
+                    down,
+                )
+                .await
+            }
+        };
         m.duration.observe(started.elapsed().as_secs_f64());
         if log::log_enabled!(log::Level::Debug) {
-            let client_text = peer_addr(&client).map_or_else(|| "?".to_string(), |a| a.to_string());
+            let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
             let how = match end {
                 End::Done => "closed".to_string(),
                 End::IdleTimeout => "idle timeout".to_string(),
@@ -186,7 +216,7 @@ impl ListenerApp {
     }
 
     /// Connect to a backend, trying up to `connect_attempts` candidates.
-    async fn connect(&self, key: &[u8]) -> Option<(Arc<BackendState>, Stream)> {
+    async fn connect(&self, key: &[u8]) -> Option<(Arc<BackendState>, Socket)> {
         let pool = &self.pool;
         let mut tried: Vec<usize> = Vec::with_capacity(pool.connect_attempts as usize);
         for attempt in 0..pool.connect_attempts as usize {
@@ -228,22 +258,20 @@ impl ListenerApp {
         None
     }
 
-    async fn connect_to(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<Stream, (ConnectErrorKind, Box<pingora::Error>)> {
-        let mut peer = peer_for(addr);
-        peer.options.connection_timeout = Some(self.pool.connect_timeout);
-        // The connector's own timeout also bounds the whole connect.
-        self.connector.new_stream(&peer).await.map_err(|e| {
-            use pingora::ErrorType::*;
-            let kind = match e.etype() {
-                ConnectRefused => ConnectErrorKind::Refused,
-                ConnectTimedout => ConnectErrorKind::Timeout,
-                _ => ConnectErrorKind::Other,
-            };
-            (kind, e)
-        })
+    /// One connect to `addr` within the pool's `connect_timeout`.
+    async fn connect_to(&self, addr: SocketAddr) -> Result<Socket, (ConnectErrorKind, io::Error)> {
+        match tokio::time::timeout(self.pool.connect_timeout, socket::connect(addr)).await {
+            Ok(Ok(socket)) => Ok(socket),
+            Ok(Err(e)) => {
+                let kind = match e.kind() {
+                    io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
+                    io::ErrorKind::TimedOut => ConnectErrorKind::Timeout,
+                    _ => ConnectErrorKind::Other,
+                };
+                Err((kind, e))
+            }
+            Err(_) => Err((ConnectErrorKind::Timeout, io::ErrorKind::TimedOut.into())),
+        }
     }
 }
 
@@ -255,29 +283,42 @@ fn since_last(skipped: u64) -> String {
     }
 }
 
-/// The client's address.
-fn peer_addr(client: &Stream) -> Option<SocketAddr> {
-    match client.get_socket_digest()?.peer_addr()? {
-        PingoraAddr::Inet(a) => Some(*a),
-        _ => None,
+/// The bytes of a client's IP, the key for hash-based selection.
+fn ip_key(addr: SocketAddr) -> Vec<u8> {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
     }
 }
 
-/// The bytes of the client's IP, the key for hash-based selection.
-fn client_ip_key(client: &Stream) -> Vec<u8> {
-    match peer_addr(client).map(|a| a.ip()) {
-        Some(std::net::IpAddr::V4(ip)) => ip.octets().to_vec(),
-        Some(std::net::IpAddr::V6(ip)) => ip.octets().to_vec(),
-        None => Vec::new(),
+/// A client stream, ready for the relay.
+enum Client {
+    /// A plain TCP socket, taken out of pingora's stream.
+    Tcp(Socket),
+    /// Any other stream, as pingora gave it.
+    Other(Stream),
+}
+
+impl Client {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Client::Tcp(tcp) => tcp.get_ref().peer_addr().ok(),
+            Client::Other(stream) => match stream.get_socket_digest()?.peer_addr()? {
+                PingoraAddr::Inet(a) => Some(*a),
+                _ => None,
+            },
+        }
     }
 }
 
-/// A peer for `addr`. (`BasicPeer::new` parses a string and panics on bad
-/// input; the constant placeholder here always parses.)
-fn peer_for(addr: SocketAddr) -> BasicPeer {
-    let mut peer = BasicPeer::new("0.0.0.0:1");
-    peer._address = PingoraAddr::Inet(addr);
-    peer
+/// The client as the relay wants it: a registered socket when it is plain
+/// TCP, so the relay can wait for readiness without holding a buffer, and
+/// splice.
+fn into_client(stream: Stream) -> io::Result<Client> {
+    match socket::take_from_pingora(stream) {
+        Ok(tcp) => socket::register(tcp).map(Client::Tcp),
+        Err(other) => Ok(Client::Other(other)),
+    }
 }
 
 #[async_trait]
@@ -289,7 +330,21 @@ impl ServerApp for ListenerApp {
     ) -> Option<Stream> {
         // Open connections run to their end after shutdown starts; the drain
         // service bounds how long that may take.
-        self.serve(client).await;
+        self.metrics.connections.inc();
+        match into_client(client) {
+            // A task of its own: pingora's per-connection task, sized for
+            // every kind of stream, ends here, and an idle connection keeps
+            // only this smaller one.
+            Ok(tcp @ Client::Tcp(_)) => {
+                let app = Arc::clone(self);
+                tokio::spawn(async move { app.serve(tcp).await });
+            }
+            Ok(other) => self.serve(other).await,
+            Err(e) => debug!(
+                "listener {}: cannot take over a client socket: {e}",
+                self.name
+            ),
+        }
         None
     }
 }

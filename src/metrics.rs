@@ -70,6 +70,7 @@ pub struct Metrics {
     listener_active: IntGaugeVec,
     listener_rejected: IntCounterVec,
     listener_bytes: IntCounterVec,
+    listener_spliced: IntCounterVec,
     connection_duration: HistogramVec,
     backend_up: IntGaugeVec,
     backend_active: IntGaugeVec,
@@ -100,6 +101,8 @@ pub struct ListenerMetrics {
     pub bytes_out: IntCounter,
     /// Lifetime of proxied connections.
     pub duration: Histogram,
+    /// Bytes relayed with `splice(2)`, both directions.
+    pub spliced: IntCounter,
 }
 
 /// Handles for one pool.
@@ -218,6 +221,12 @@ impl Metrics {
                 "Bytes relayed; in = client to backend, out = backend to client.",
                 &["listener", "direction"],
             ),
+            listener_spliced: counter(
+                &r,
+                "sluice_listener_spliced_bytes_total",
+                "Bytes relayed with splice(2), never copied into user space; a part of sluice_listener_bytes_total.",
+                &["listener"],
+            ),
             connection_duration: histogram(
                 &r,
                 "sluice_connection_duration_seconds",
@@ -304,6 +313,7 @@ impl Metrics {
             bytes_in: self.listener_bytes.with_label_values(&[name, "in"]),
             bytes_out: self.listener_bytes.with_label_values(&[name, "out"]),
             duration: self.connection_duration.with_label_values(&[name]),
+            spliced: self.listener_spliced.with_label_values(&[name]),
         }
     }
 

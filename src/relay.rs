@@ -1,24 +1,39 @@
 //! Moving bytes between a client and a backend until both are done.
 //!
-//! Two one-way pipes run in one task. When one side finishes sending (EOF),
-//! its pipe flushes and shuts down the write half of the other side and the
-//! opposite pipe keeps running: a client that half-closes still gets the whole
-//! reply. An error on either side ends both. Every byte written is counted on
-//! the way (one atomic add per write, no lock), and an optional idle timeout
-//! closes the connection when nothing moved either way for that long.
+//! Two one-way directions run in one task. When one side finishes sending
+//! (EOF), its direction delivers what it holds, shuts down the write half of
+//! the other side, and the opposite direction keeps running: a client that
+//! half-closes still gets the whole reply. An error on either side ends both.
+//! Every byte written is counted on the way (one relaxed atomic add per write
+//! per counter, no lock), and an optional idle timeout closes the connection
+//! when nothing moved either way for that long.
+//!
+//! Two engines:
+//! - [`relay_tcp`] for plain TCP sockets. Bytes wait in a *stage* taken from a
+//!   per-thread pool only once the source is readable, and given back as soon
+//!   as it is empty, so an idle connection holds no buffer. The stage is a pipe
+//!   filled and drained with `splice(2)` (zero-copy: the bytes never enter
+//!   user space) or, when splicing is off or no pipe can be had, a pooled
+//!   buffer (see [`stage`]).
+//! - [`relay_io`] for any `AsyncRead + AsyncWrite` stream (TLS later): a plain
+//!   copy through two buffers.
+
+mod io_copy;
+pub mod socket;
+pub mod stage;
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Bytes buffered per direction.
-pub const BUFFER_SIZE: usize = 32 * 1024;
+pub use io_copy::relay_io;
+pub use socket::Socket;
+use stage::{Pass, Stage};
 
 /// Counters that one direction's bytes are added to.
 pub struct Meter<'a> {
@@ -26,6 +41,8 @@ pub struct Meter<'a> {
     pub listener: &'a IntCounter,
     /// The backend's counter.
     pub backend: &'a IntCounter,
+    /// Bytes that went through a pipe (never copied into user space).
+    pub spliced: &'a IntCounter,
 }
 
 impl Meter<'_> {
@@ -64,163 +81,244 @@ pub struct Totals {
     pub to_client: u64,
 }
 
-struct Pipe {
-    buf: Box<[u8]>,
-    pos: usize,
-    cap: usize,
-    eof: bool,
-    done: bool,
-    unflushed: bool,
-    total: u64,
-}
-
 /// A failed step, named by the side whose socket failed.
 type Step = Result<(), (Side, io::Error)>;
 
-impl Pipe {
-    fn new() -> Self {
-        Pipe {
-            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
-            pos: 0,
-            cap: 0,
+/// Fires when nothing moved for `limit`. The timer is re-armed lazily: it
+/// fires at the old deadline, then moves to `last_move + limit` if bytes moved
+/// meanwhile, so activity costs a clock read, not a timer update.
+struct IdleTimer {
+    limit: Duration,
+    last_move: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        IdleTimer {
+            limit,
+            last_move: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    /// Whether the connection has been idle too long; registers the waker otherwise.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, moved: bool) -> bool {
+        if moved {
+            self.last_move = Instant::now();
+        }
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_move + self.limit;
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
+/// One direction of a TCP relay: bytes from `src` wait in a stage until
+/// `dst` takes them.
+struct Direction {
+    stage: Stage,
+    /// Whether splicing is allowed.
+    splice: bool,
+    /// Whether the last read found a bulk transfer: then splice.
+    bulk: bool,
+    eof: bool,
+    done: bool,
+    total: u64,
+}
+
+impl Direction {
+    fn new(splice: bool) -> Self {
+        Direction {
+            stage: Stage::new(),
+            splice,
+            bulk: false,
             eof: false,
             done: false,
-            unflushed: false,
             total: 0,
         }
     }
 
-    /// Copy from `r` to `w` until `r` would block or ends.
-    #[allow(clippy::too_many_arguments)]
-    fn poll_copy<R, W>(
+    fn wrote(&mut self, n: usize, meter: &Meter<'_>) {
+        self.total += n as u64;
+        meter.add(n);
+    }
+
+    /// Move bytes until both sockets would block; `Ready(Ok)` once the
+    /// source ended and everything reached the destination.
+    ///
+    /// Readiness is handled here, not by trial: a short read or write means
+    /// the socket is drained or full, so its readiness is cleared at once
+    /// (race-free: tokio clears it only if no new event came since the guard
+    /// was taken) instead of spending a system call to learn `EAGAIN`.
+    fn poll_move(
         &mut self,
         cx: &mut Context<'_>,
-        r: &mut R,
-        w: &mut W,
-        sides: (Side, Side),
+        (src, dst): (&Socket, &Socket),
+        (from, to): (Side, Side),
         meter: &Meter<'_>,
         moved: &mut bool,
-    ) -> Poll<Step>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
-        let (from, to) = sides;
+    ) -> Poll<Step> {
         loop {
-            if self.pos == self.cap && !self.eof {
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        // Nothing more to read for now: push out what was written.
-                        if self.unflushed {
-                            ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|e| (to, e))?;
-                            self.unflushed = false;
+            // Each readiness check below registers the waker when it says
+            // Pending; a cleared readiness loops back to register it.
+            let mut again = false;
+            let held = self.stage.held();
+            if held > 0 {
+                match dst.poll_write_ready(cx) {
+                    Poll::Ready(Ok(mut guard)) => {
+                        let piped = self.stage.is_pipe();
+                        match guard.try_io(|d| self.stage.drain(d.get_ref())) {
+                            Ok(Ok(n)) => {
+                                if n < held {
+                                    guard.clear_ready();
+                                }
+                                if piped {
+                                    meter.spliced.inc_by(n as u64);
+                                }
+                                self.wrote(n, meter);
+                                *moved = true;
+                                again = true;
+                            }
+                            Ok(Err(e)) => return Poll::Ready(Err((to, e))),
+                            Err(_would_block) => again = true,
                         }
-                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((to, e))),
+                    Poll::Pending => {}
+                }
+            }
+            if self.bulk && self.stage.held() == 0 && self.stage.take_pipe().is_err() {
+                // No pipe to be had (out of descriptors): copy instead.
+                self.bulk = false;
+            }
+            let can_read = if self.bulk {
+                self.stage.room() > 0
+            } else {
+                self.stage.held() == 0
+            };
+            if !self.eof && can_read {
+                match src.poll_read_ready(cx) {
+                    Poll::Ready(Ok(mut guard)) => {
+                        let (wanted, step) = if self.bulk {
+                            let room = self.stage.room();
+                            (
+                                room,
+                                guard.try_io(|s| {
+                                    self.stage.fill(s.get_ref()).map(|n| Pass {
+                                        read: n,
+                                        written: 0,
+                                    })
+                                }),
+                            )
+                        } else {
+                            self.stage.release();
+                            (
+                                stage::CHUNK,
+                                guard.try_io(|s| self.stage.pass(s.get_ref(), dst.get_ref())),
+                            )
+                        };
+                        match step {
+                            Ok(Ok(Pass { read: 0, .. })) => {
+                                self.eof = true;
+                                again = true;
+                            }
+                            Ok(Ok(Pass { read, written })) => {
+                                if read < wanted {
+                                    guard.clear_ready();
+                                }
+                                self.wrote(written, meter);
+                                *moved = true;
+                                again = true;
+                                // A full read means more is waiting: splice the rest;
+                                // short reads mean messages: copy them straight on.
+                                self.bulk = self.splice
+                                    && read >= stage::CHUNK / if self.bulk { 4 } else { 1 };
+                            }
+                            Ok(Err(e)) => return Poll::Ready(Err((from, e))),
+                            Err(_would_block) => again = true,
+                        }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((from, e))),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.eof = true;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                            *moved = true;
+                    Poll::Pending => {}
+                }
+            }
+            if self.stage.held() == 0 {
+                // Idle or finished: the pipe or buffer goes back to the pool.
+                self.stage.release();
+                if self.eof {
+                    // Pass the half-close on. A peer that already went away is
+                    // not an error: the other direction decides the outcome.
+                    if let Err(e) = dst.get_ref().shutdown(std::net::Shutdown::Write) {
+                        if e.kind() != io::ErrorKind::NotConnected {
+                            return Poll::Ready(Err((to, e)));
                         }
                     }
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
                 }
             }
-            while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]))
-                    .map_err(|e| (to, e))?;
-                if n == 0 {
-                    return Poll::Ready(Err((to, io::ErrorKind::WriteZero.into())));
-                }
-                self.pos += n;
-                self.total += n as u64;
-                self.unflushed = true;
-                meter.add(n);
-                *moved = true;
-            }
-            if self.eof {
-                ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|e| (to, e))?;
-                // Pass the half-close on. A peer that already went away is not an
-                // error worth reporting: the other direction decides the outcome.
-                if let Err(e) = ready!(Pin::new(&mut *w).poll_shutdown(cx)) {
-                    if e.kind() != io::ErrorKind::NotConnected {
-                        return Poll::Ready(Err((to, e)));
-                    }
-                }
-                self.done = true;
-                return Poll::Ready(Ok(()));
+            if !again {
+                return Poll::Pending;
             }
         }
     }
 }
 
-/// Relay between `client` and `backend` until both directions end, one side
-/// fails, or nothing moves for `idle`.
-pub async fn relay<C, B>(
-    client: &mut C,
-    backend: &mut B,
-    idle: Option<Duration>,
+/// Options for [`relay_tcp`].
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Close after this long without a byte moving either way.
+    pub idle_timeout: Option<Duration>,
+    /// Move bytes with `splice(2)` through a pipe instead of a buffer.
+    pub splice: bool,
+}
+
+/// Relay between two TCP sockets until both directions end, one side fails,
+/// or nothing moves for the idle timeout.
+pub async fn relay_tcp(
+    client: Socket,
+    backend: Socket,
+    options: Options,
     up: Meter<'_>,
     down: Meter<'_>,
-) -> (End, Totals)
-where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let mut c2b = Pipe::new();
-    let mut b2c = Pipe::new();
-    let mut last_move = Instant::now();
-    let mut timer: Option<Pin<Box<Sleep>>> = idle.map(|d| Box::pin(tokio::time::sleep(d)));
-
+) -> (End, Totals) {
+    let mut c2b = Direction::new(options.splice);
+    let mut b2c = Direction::new(options.splice);
+    let mut timer = options.idle_timeout.map(IdleTimer::new);
     let end = poll_fn(|cx| {
         let mut moved = false;
-        if !c2b.done {
-            let step = c2b.poll_copy(
-                cx,
-                client,
-                backend,
+        for (dir, ends, sides, meter) in [
+            (
+                &mut c2b,
+                (&client, &backend),
                 (Side::Client, Side::Backend),
                 &up,
-                &mut moved,
-            );
-            if let Poll::Ready(Err((side, e))) = step {
-                return Poll::Ready(End::Error(side, e));
-            }
-        }
-        if !b2c.done {
-            let step = b2c.poll_copy(
-                cx,
-                backend,
-                client,
+            ),
+            (
+                &mut b2c,
+                (&backend, &client),
                 (Side::Backend, Side::Client),
                 &down,
-                &mut moved,
-            );
-            if let Poll::Ready(Err((side, e))) = step {
-                return Poll::Ready(End::Error(side, e));
+            ),
+        ] {
+            if !dir.done {
+                if let Poll::Ready(Err((side, e))) =
+                    dir.poll_move(cx, ends, sides, meter, &mut moved)
+                {
+                    return Poll::Ready(End::Error(side, e));
+                }
             }
         }
         if c2b.done && b2c.done {
             return Poll::Ready(End::Done);
         }
-        if let (Some(limit), Some(sleep)) = (idle, timer.as_mut()) {
-            if moved {
-                last_move = Instant::now();
-            }
-            // The timer is re-armed lazily: it fires at the old deadline, then
-            // moves to `last_move + limit` if bytes moved meanwhile.
-            while sleep.as_mut().poll(cx).is_ready() {
-                let deadline = last_move + limit;
-                if Instant::now() >= deadline {
-                    return Poll::Ready(End::IdleTimeout);
-                }
-                sleep.as_mut().reset(deadline);
-            }
+        if timer.as_mut().is_some_and(|t| t.poll_expired(cx, moved)) {
+            return Poll::Ready(End::IdleTimeout);
         }
         Poll::Pending
     })
@@ -235,79 +333,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
-
-    type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
-
-    /// A relay between two in-memory pipes; returns the client's end, the
-    /// backend's end and the relay task.
-    fn spawn_relay(idle: Option<Duration>) -> (Ends, tokio::task::JoinHandle<(End, Totals)>) {
-        let (client_end, mut proxy_client) = duplex(64);
-        let (mut proxy_backend, backend_end) = duplex(64);
-        let task = tokio::spawn(async move {
-            let (l, b) = (
-                IntCounter::new("l", "l").unwrap(),
-                IntCounter::new("b", "b").unwrap(),
-            );
-            let meter = || Meter {
-                listener: &l,
-                backend: &b,
-            };
-            relay(
-                &mut proxy_client,
-                &mut proxy_backend,
-                idle,
-                meter(),
-                meter(),
-            )
-            .await
-        });
-        ((client_end, backend_end), task)
-    }
-
-    #[tokio::test]
-    async fn half_close_still_delivers_the_reply() {
-        let ((mut client_end, mut backend_end), relay) = spawn_relay(None);
-        client_end.write_all(b"question").await.unwrap();
-        client_end.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        backend_end.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"question");
-        let reply = vec![7u8; 100_000];
-        let sent = reply.clone();
-        let writer = tokio::spawn(async move {
-            backend_end.write_all(&sent).await.unwrap();
-        });
-        let mut got = Vec::new();
-        client_end.read_to_end(&mut got).await.unwrap();
-        writer.await.unwrap();
-        assert_eq!(got, reply);
-        let (end, totals) = relay.await.unwrap();
-        assert!(matches!(end, End::Done), "{end:?}");
-        assert_eq!(
-            totals,
-            Totals {
-                to_backend: 8,
-                to_client: 100_000
-            }
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_timeout_fires_only_after_silence() {
-        let ((mut client_end, mut backend_end), relay) = spawn_relay(Some(Duration::from_secs(10)));
-        // Traffic every 6 s keeps the connection open past the 10 s limit.
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_secs(6)).await;
-            client_end.write_all(b"x").await.unwrap();
-            let mut one = [0u8; 1];
-            backend_end.read_exact(&mut one).await.unwrap();
-        }
-        let started = Instant::now();
-        let (end, _) = relay.await.unwrap();
-        assert!(matches!(end, End::IdleTimeout), "{end:?}");
-        assert_eq!(started.elapsed(), Duration::from_secs(10));
-    }
-}
+mod tests;

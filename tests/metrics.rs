@@ -38,7 +38,7 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
     }
 
     // One proxied connection that moves bytes both ways while a second is refused.
-    gone.stop();
+    gone.stop_and_wait().await;
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -103,6 +103,11 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
             &[("listener", "front"), ("direction", "out")]
         ),
         5.0
+    );
+    // Five-byte messages are copied, not spliced.
+    assert_eq!(
+        m.value("sluice_listener_spliced_bytes_total", &listener),
+        0.0
     );
     assert_eq!(
         m.value("sluice_connection_duration_seconds_count", &listener),

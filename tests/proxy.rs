@@ -106,12 +106,27 @@ async fn exchange_backend(
     (addr, rx)
 }
 
+/// Listener settings for the two relay engines: splice (the default) and
+/// the buffer copy.
+const ENGINES: [&str; 2] = ["", ", splice: false"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact() {
     const LEN: usize = 64 << 20;
     let (backend, mut reports) = exchange_backend(LEN).await;
+    for engine in ENGINES {
+        sixty_four_mib_each_way(backend, &mut reports, engine).await;
+    }
+}
+
+async fn sixty_four_mib_each_way(
+    backend: SocketAddr,
+    reports: &mut tokio::sync::mpsc::Receiver<(usize, Vec<u8>)>,
+    engine: &str,
+) {
+    const LEN: usize = 64 << 20;
     let port = reserve_port();
-    let sluice = Sluice::start(&config(port, backend, "")).await;
+    let sluice = Sluice::start(&config(port, backend, engine)).await;
 
     let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (mut r, mut w) = c.into_split();
@@ -133,18 +148,18 @@ async fn sixty_four_mib_each_way_arrive_intact() {
         got_hash.update(&buf[..k]);
     }
     writer.await.unwrap();
-    assert_eq!(got, LEN, "backend to client length");
+    assert_eq!(got, LEN, "backend to client length ({engine:?})");
     assert_eq!(
         got_hash.finalize().to_vec(),
         Sha256::digest(pattern(2, LEN)).to_vec(),
-        "backend to client checksum"
+        "backend to client checksum ({engine:?})"
     );
     let (n, hash) = tokio::time::timeout(DEADLINE, reports.recv())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(n, LEN, "client to backend length");
-    assert_eq!(hash, sent_hash, "client to backend checksum");
+    assert_eq!(n, LEN, "client to backend length ({engine:?})");
+    assert_eq!(hash, sent_hash, "client to backend checksum ({engine:?})");
 
     // Every byte is counted.
     let m = sluice.metrics().await;
@@ -162,6 +177,19 @@ async fn sixty_four_mib_each_way_arrive_intact() {
         ),
         LEN as f64
     );
+    // The default engine splices bulk data; the copy engine never does.
+    let spliced = m.value(
+        "sluice_listener_spliced_bytes_total",
+        &[("listener", "front")],
+    );
+    if engine.is_empty() {
+        assert!(
+            spliced > LEN as f64,
+            "most of 128 MiB went through pipes: {spliced}"
+        );
+    } else {
+        assert_eq!(spliced, 0.0, "splice: false copies through buffers");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,46 +211,50 @@ async fn half_closed_client_still_gets_the_whole_reply() {
             });
         }
     });
-    let port = reserve_port();
-    let _sluice = Sluice::start(&config(port, backend, "")).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"the whole request").await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, c.read_to_end(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
-    let head = b"got 17 bytes\n";
-    assert_eq!(&reply[..head.len()], head);
-    assert_eq!(&reply[head.len()..], &pattern(3, 1 << 20)[..]);
+    for engine in ENGINES {
+        let port = reserve_port();
+        let _sluice = Sluice::start(&config(port, backend, engine)).await;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(b"the whole request").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(DEADLINE, c.read_to_end(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = b"got 17 bytes\n";
+        assert_eq!(&reply[..head.len()], head, "{engine:?}");
+        assert_eq!(&reply[head.len()..], &pattern(3, 1 << 20)[..], "{engine:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_closing_first_ends_the_connection_cleanly() {
     let named = Backend::start("bye", Behavior::Name).await;
-    let port = reserve_port();
-    let sluice = Sluice::start(&config(port, named.addr, "")).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut got = String::new();
-    tokio::time::timeout(DEADLINE, c.read_to_string(&mut got))
-        .await
-        .expect("EOF after the backend closed")
-        .unwrap();
-    assert_eq!(got, "bye\n");
-    drop(c);
-    wait_until("no connection left open", || async {
-        let m = sluice.metrics().await;
-        m.value(
-            "sluice_listener_connections_active",
-            &[("listener", "front")],
-        ) == 0.0
-            && m.value(
-                "sluice_backend_connections_active",
-                &[("pool", "app"), ("backend", &named.addr.to_string())],
+    for engine in ENGINES {
+        let port = reserve_port();
+        let sluice = Sluice::start(&config(port, named.addr, engine)).await;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(DEADLINE, c.read_to_string(&mut got))
+            .await
+            .expect("EOF after the backend closed")
+            .unwrap();
+        assert_eq!(got, "bye\n", "{engine:?}");
+        drop(c);
+        wait_until("no connection left open", || async {
+            let m = sluice.metrics().await;
+            m.value(
+                "sluice_listener_connections_active",
+                &[("listener", "front")],
             ) == 0.0
-    })
-    .await;
+                && m.value(
+                    "sluice_backend_connections_active",
+                    &[("pool", "app"), ("backend", &named.addr.to_string())],
+                ) == 0.0
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

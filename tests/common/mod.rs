@@ -412,7 +412,8 @@ impl Backend {
         }));
     }
 
-    /// Stop listening: new connections are refused.
+    /// Stop accepting; the port closes once the accept task has ended (see
+    /// `stop_and_wait`).
     pub fn stop(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();

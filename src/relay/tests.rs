@@ -1,0 +1,262 @@
+//! Both engines over in-memory pipes and real loopback sockets: half-close,
+//! large transfers with checksums both ways, backend closing first, idle
+//! timeout, and the splice and buffer stages alike.
+
+use super::*;
+use prometheus::IntCounter;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, duplex};
+use tokio::net::{TcpListener, TcpStream};
+
+fn counter() -> IntCounter {
+    IntCounter::new("c", "c").unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A connected loopback socket pair.
+async fn socket_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    (a, b)
+}
+
+/// client_end <-> [proxy_client | relay_tcp | proxy_backend] <-> backend_end
+async fn tcp_relay(
+    options: Options,
+) -> (
+    TcpStream,
+    TcpStream,
+    tokio::task::JoinHandle<(End, Totals, (u64, u64), u64)>,
+) {
+    let (client_end, proxy_client) = socket_pair().await;
+    let (proxy_backend, backend_end) = socket_pair().await;
+    let as_socket = |s: TcpStream| socket::register(s.into_std().unwrap()).unwrap();
+    let (proxy_client, proxy_backend) = (as_socket(proxy_client), as_socket(proxy_backend));
+    let task = tokio::spawn(async move {
+        let (up, down) = (counter(), counter());
+        let (l, b, spliced) = (counter(), counter(), counter());
+        let (end, totals) = relay_tcp(
+            proxy_client,
+            proxy_backend,
+            options,
+            Meter {
+                listener: &up,
+                backend: &l,
+                spliced: &spliced,
+            },
+            Meter {
+                listener: &down,
+                backend: &b,
+                spliced: &spliced,
+            },
+        )
+        .await;
+        (end, totals, (up.get(), down.get()), spliced.get())
+    });
+    (client_end, backend_end, task)
+}
+
+fn both_stages() -> [Options; 2] {
+    [true, false].map(|splice| Options {
+        idle_timeout: None,
+        splice,
+    })
+}
+
+async fn send_and_hash<R, W>(mut w: W, mut r: R, data: Vec<u8>) -> (usize, Vec<u8>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut hash = Sha256::new();
+    let mut n = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let k = r.read(&mut buf).await.unwrap();
+        if k == 0 {
+            break;
+        }
+        n += k;
+        hash.update(&buf[..k]);
+    }
+    writer.await.unwrap();
+    (n, hash.finalize().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relay_moves_large_transfers_intact_both_ways() {
+    const LEN: usize = 24 << 20;
+    for options in both_stages() {
+        let (client_end, backend_end, relay) = tcp_relay(options).await;
+        let (cr, cw) = client_end.into_split();
+        let (br, bw) = backend_end.into_split();
+        let (to_client, to_backend) = (pattern(1, LEN), pattern(2, LEN));
+        let (want_c, want_b) = (
+            Sha256::digest(&to_client).to_vec(),
+            Sha256::digest(&to_backend).to_vec(),
+        );
+        let at_backend = tokio::spawn(send_and_hash(bw, br, to_client));
+        let (n, got) = send_and_hash(cw, cr, to_backend).await;
+        assert_eq!(
+            (n, got),
+            (LEN, want_c),
+            "backend to client, splice={}",
+            options.splice
+        );
+        let (n, got) = at_backend.await.unwrap();
+        assert_eq!(
+            (n, got),
+            (LEN, want_b),
+            "client to backend, splice={}",
+            options.splice
+        );
+        let (end, totals, (up, down), spliced) = relay.await.unwrap();
+        if options.splice {
+            assert!(
+                spliced > LEN as u64,
+                "bulk bytes went through pipes: {spliced}"
+            );
+        } else {
+            assert_eq!(spliced, 0, "no pipe with splicing off");
+        }
+        assert!(matches!(end, End::Done), "{end:?}");
+        assert_eq!(
+            totals,
+            Totals {
+                to_backend: LEN as u64,
+                to_client: LEN as u64
+            }
+        );
+        assert_eq!((up, down), (LEN as u64, LEN as u64), "every byte counted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relay_passes_half_close_on() {
+    for options in both_stages() {
+        let (mut client_end, mut backend_end, relay) = tcp_relay(options).await;
+        client_end.write_all(b"request").await.unwrap();
+        client_end.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend_end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request", "the backend sees the request and then EOF");
+        let reply = pattern(3, 3 << 20);
+        let (n, hash) = send_and_hash(backend_end, client_end, reply.clone()).await;
+        assert_eq!((n, hash), (reply.len(), Sha256::digest(&reply).to_vec()));
+        assert!(matches!(relay.await.unwrap().0, End::Done));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relay_backend_closing_first_reaches_the_client() {
+    for options in both_stages() {
+        let (mut client_end, mut backend_end, relay) = tcp_relay(options).await;
+        backend_end.write_all(b"bye").await.unwrap();
+        drop(backend_end);
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        drop(client_end);
+        let (end, ..) = relay.await.unwrap();
+        assert!(matches!(end, End::Done | End::Error(..)), "{end:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tcp_relay_idle_timeout() {
+    let options = Options {
+        idle_timeout: Some(Duration::from_secs(30)),
+        splice: true,
+    };
+    let (_client_end, _backend_end, relay) = tcp_relay(options).await;
+    let started = Instant::now();
+    let (end, ..) = relay.await.unwrap();
+    assert!(matches!(end, End::IdleTimeout), "{end:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(30));
+}
+
+type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
+
+/// The generic engine between two in-memory pipes.
+fn spawn_io_relay(idle: Option<Duration>) -> (Ends, tokio::task::JoinHandle<(End, Totals)>) {
+    let (client_end, mut proxy_client) = duplex(64);
+    let (mut proxy_backend, backend_end) = duplex(64);
+    let task = tokio::spawn(async move {
+        let (l, b) = (counter(), counter());
+        let meter = || Meter {
+            listener: &l,
+            backend: &b,
+            spliced: &b,
+        };
+        relay_io(
+            &mut proxy_client,
+            &mut proxy_backend,
+            idle,
+            meter(),
+            meter(),
+        )
+        .await
+    });
+    ((client_end, backend_end), task)
+}
+
+#[tokio::test]
+async fn io_relay_half_close_still_delivers_the_reply() {
+    let ((mut client_end, mut backend_end), relay) = spawn_io_relay(None);
+    client_end.write_all(b"question").await.unwrap();
+    client_end.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    backend_end.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"question");
+    let reply = vec![7u8; 100_000];
+    let sent = reply.clone();
+    let writer = tokio::spawn(async move {
+        backend_end.write_all(&sent).await.unwrap();
+    });
+    let mut got = Vec::new();
+    client_end.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(got, reply);
+    let (end, totals) = relay.await.unwrap();
+    assert!(matches!(end, End::Done), "{end:?}");
+    assert_eq!(
+        totals,
+        Totals {
+            to_backend: 8,
+            to_client: 100_000
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn io_relay_idle_timeout_fires_only_after_silence() {
+    let ((mut client_end, mut backend_end), relay) = spawn_io_relay(Some(Duration::from_secs(10)));
+    // Traffic every 6 s keeps the connection open past the 10 s limit.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        client_end.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        backend_end.read_exact(&mut one).await.unwrap();
+    }
+    let started = Instant::now();
+    let (end, _) = relay.await.unwrap();
+    assert!(matches!(end, End::IdleTimeout), "{end:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+}
