@@ -29,7 +29,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 pub use io_copy::relay_io;
 pub use socket::Socket;
@@ -84,36 +84,54 @@ pub struct Totals {
 /// A failed step, named by the side whose socket failed.
 type Step = Result<(), (Side, io::Error)>;
 
-/// Fires when nothing moved for `limit`. The timer is re-armed lazily: it
-/// fires at the old deadline, then moves to `last_move + limit` if bytes moved
-/// meanwhile, so activity costs a clock read, not a timer update.
+/// Detects a connection on which nothing moved for `limit`, checking in
+/// eighths of it, so a wake-up costs neither a clock read nor a timer
+/// update. The connection closes between `limit` and `limit * 9/8` after
+/// its last byte.
 struct IdleTimer {
-    limit: Duration,
-    last_move: Instant,
+    tick: Duration,
+    quiet_ticks: u32,
+    moved: bool,
+    /// Polled since the last reset, so the timer knows the task's waker.
+    armed: bool,
     sleep: Pin<Box<Sleep>>,
 }
 
+/// Checks per idle timeout.
+const IDLE_TICKS: u32 = 8;
+
 impl IdleTimer {
     fn new(limit: Duration) -> Self {
+        let tick = (limit / IDLE_TICKS).max(Duration::from_millis(1));
         IdleTimer {
-            limit,
-            last_move: Instant::now(),
-            sleep: Box::pin(tokio::time::sleep(limit)),
+            tick,
+            quiet_ticks: 0,
+            moved: false,
+            armed: false,
+            sleep: Box::pin(tokio::time::sleep(tick)),
         }
     }
 
     /// Whether the connection has been idle too long; registers the waker otherwise.
     fn poll_expired(&mut self, cx: &mut Context<'_>, moved: bool) -> bool {
-        if moved {
-            self.last_move = Instant::now();
+        self.moved |= moved;
+        if self.armed && !self.sleep.is_elapsed() {
+            return false;
         }
         while self.sleep.as_mut().poll(cx).is_ready() {
-            let deadline = self.last_move + self.limit;
-            if Instant::now() >= deadline {
-                return true;
+            if std::mem::take(&mut self.moved) {
+                self.quiet_ticks = 0;
+            } else {
+                self.quiet_ticks += 1;
+                if self.quiet_ticks >= IDLE_TICKS {
+                    return true;
+                }
             }
-            self.sleep.as_mut().reset(deadline);
+            // From the last deadline, not from now: no clock read needed.
+            let next = self.sleep.deadline() + self.tick;
+            self.sleep.as_mut().reset(next);
         }
+        self.armed = true;
         false
     }
 }
@@ -161,6 +179,7 @@ impl Direction {
         (src, dst): (&Socket, &Socket),
         (from, to): (Side, Side),
         meter: &Meter<'_>,
+        other_done: bool,
         moved: &mut bool,
     ) -> Poll<Step> {
         loop {
@@ -251,11 +270,15 @@ impl Direction {
                 // Idle or finished: the pipe or buffer goes back to the pool.
                 self.stage.release();
                 if self.eof {
-                    // Pass the half-close on. A peer that already went away is
-                    // not an error: the other direction decides the outcome.
-                    if let Err(e) = dst.get_ref().shutdown(std::net::Shutdown::Write) {
-                        if e.kind() != io::ErrorKind::NotConnected {
-                            return Poll::Ready(Err((to, e)));
+                    // Pass the half-close on, unless the other direction is
+                    // done too: then closing the sockets says it. A peer that
+                    // already went away is not an error: the other direction
+                    // decides the outcome.
+                    if !other_done {
+                        if let Err(e) = dst.get_ref().shutdown(std::net::Shutdown::Write) {
+                            if e.kind() != io::ErrorKind::NotConnected {
+                                return Poll::Ready(Err((to, e)));
+                            }
                         }
                     }
                     self.done = true;
@@ -292,26 +315,22 @@ pub async fn relay_tcp(
     let mut timer = options.idle_timeout.map(IdleTimer::new);
     let end = poll_fn(|cx| {
         let mut moved = false;
-        for (dir, ends, sides, meter) in [
-            (
-                &mut c2b,
-                (&client, &backend),
-                (Side::Client, Side::Backend),
-                &up,
-            ),
-            (
-                &mut b2c,
-                (&backend, &client),
-                (Side::Backend, Side::Client),
-                &down,
-            ),
-        ] {
-            if !dir.done {
-                if let Poll::Ready(Err((side, e))) =
-                    dir.poll_move(cx, ends, sides, meter, &mut moved)
-                {
-                    return Poll::Ready(End::Error(side, e));
-                }
+        if !c2b.done {
+            let ends = (&client, &backend);
+            let sides = (Side::Client, Side::Backend);
+            if let Poll::Ready(Err((side, e))) =
+                c2b.poll_move(cx, ends, sides, &up, b2c.done, &mut moved)
+            {
+                return Poll::Ready(End::Error(side, e));
+            }
+        }
+        if !b2c.done {
+            let ends = (&backend, &client);
+            let sides = (Side::Backend, Side::Client);
+            if let Poll::Ready(Err((side, e))) =
+                b2c.poll_move(cx, ends, sides, &down, c2b.done, &mut moved)
+            {
+                return Poll::Ready(End::Error(side, e));
             }
         }
         if c2b.done && b2c.done {

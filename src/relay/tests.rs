@@ -7,6 +7,7 @@ use prometheus::IntCounter;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, duplex};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 fn counter() -> IntCounter {
     IntCounter::new("c", "c").unwrap()
@@ -189,7 +190,11 @@ async fn tcp_relay_idle_timeout() {
     let started = Instant::now();
     let (end, ..) = relay.await.unwrap();
     assert!(matches!(end, End::IdleTimeout), "{end:?}");
-    assert_eq!(started.elapsed(), Duration::from_secs(30));
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_secs(30) && idle <= Duration::from_millis(33_750),
+        "{idle:?}"
+    );
 }
 
 type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
@@ -258,5 +263,9 @@ async fn io_relay_idle_timeout_fires_only_after_silence() {
     let started = Instant::now();
     let (end, _) = relay.await.unwrap();
     assert!(matches!(end, End::IdleTimeout), "{end:?}");
-    assert_eq!(started.elapsed(), Duration::from_secs(10));
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_secs(10) && idle <= Duration::from_millis(11_250),
+        "{idle:?}"
+    );
 }
