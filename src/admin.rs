@@ -7,6 +7,7 @@
 //! | `GET /readyz` | 200 when ready, else 503 with the reason |
 //! | `GET /api/v1/pools` | JSON state of every pool and backend |
 //! | `POST /api/v1/pools/{pool}/active?backend=ADDR` | make ADDR the active backend of a `failback: manual` pool |
+//! | `POST /api/v1/reload` | re-read the configuration file (like SIGHUP); 200 with a summary, or 422 with every problem |
 //!
 //! It is served by pingora's HTTP server on its own single-threaded service.
 
@@ -18,36 +19,32 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
 
-use crate::lifecycle::Readiness;
-use crate::metrics::{self, Metrics};
-use crate::pool::{MoveError, Pool};
+use crate::metrics;
+use crate::pool::{Health, MoveError, Pool};
+use crate::state::State;
 
 /// The admin application.
 pub struct AdminApp {
-    metrics: Arc<Metrics>,
-    pools: Vec<Arc<Pool>>,
-    readiness: Arc<Readiness>,
+    state: Arc<State>,
 }
 
 impl AdminApp {
-    /// Serve `metrics`, `readiness` and the state of `pools`.
-    pub fn new(metrics: Arc<Metrics>, pools: Vec<Arc<Pool>>, readiness: Arc<Readiness>) -> Self {
-        AdminApp {
-            metrics,
-            pools,
-            readiness,
-        }
+    /// Serve the process's `state`.
+    pub fn new(state: Arc<State>) -> Self {
+        AdminApp { state }
     }
 
     /// Answer one request.
     pub fn handle(&self, method: &Method, path: &str, query: Option<&str>) -> Response<Vec<u8>> {
         let get = method == Method::GET || method == Method::HEAD;
         match path {
-            "/metrics" if get => {
-                reply(StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.render())
-            }
+            "/metrics" if get => reply(
+                StatusCode::OK,
+                metrics::CONTENT_TYPE,
+                self.state.metrics.render(),
+            ),
             "/healthz" if get => text(StatusCode::OK, "ok\n"),
-            "/readyz" if get => match self.readiness.check() {
+            "/readyz" if get => match self.state.readiness() {
                 Ok(()) => text(StatusCode::OK, "ready\n"),
                 Err(why) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -55,6 +52,8 @@ impl AdminApp {
                 ),
             },
             "/api/v1/pools" if get => json_reply(StatusCode::OK, &self.pools_json()),
+            "/api/v1/reload" if method == Method::POST => self.reload(),
+            "/api/v1/reload" => method_not_allowed("POST"),
             "/metrics" | "/healthz" | "/readyz" | "/api/v1/pools" => method_not_allowed("GET"),
             _ => match path
                 .strip_prefix("/api/v1/pools/")
@@ -68,7 +67,8 @@ impl AdminApp {
     }
 
     fn make_active(&self, pool: &str, query: Option<&str>) -> Response<Vec<u8>> {
-        let Some(p) = self.pools.iter().find(|p| p.name == pool) else {
+        let pools = self.state.pools();
+        let Some(p) = pools.iter().find(|p| p.name == pool) else {
             return json_error(StatusCode::NOT_FOUND, &format!("no pool is named `{pool}`"));
         };
         let backend = query
@@ -88,9 +88,23 @@ impl AdminApp {
         }
     }
 
+    fn reload(&self) -> Response<Vec<u8>> {
+        match self.state.reload() {
+            Ok(summary) => json_reply(
+                StatusCode::OK,
+                &json!({ "result": "success", "summary": summary.to_string() }),
+            ),
+            Err(e) => json_reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({ "result": "failure", "problems": e.problems() }),
+            ),
+        }
+    }
+
     fn pools_json(&self) -> Value {
         let pools: serde_json::Map<String, Value> = self
-            .pools
+            .state
+            .pools()
             .iter()
             .map(|p| (p.name.clone(), pool_json(p)))
             .collect();
@@ -99,30 +113,35 @@ impl AdminApp {
 }
 
 fn pool_json(p: &Pool) -> Value {
-    let backends: Vec<Value> = p
-        .backends
+    let generation = p.generation();
+    let settings = &generation.settings;
+    let backends: Vec<Value> = generation
+        .members
         .iter()
-        .map(|b| {
+        .map(|m| {
+            let b = &m.backend;
             json!({
                 "address": b.address.as_str(),
                 "resolved": b.resolved().map(|a| a.to_string()),
                 "state": b.health().as_str(),
-                "up": b.health() == crate::pool::Health::Up,
-                "active": b.is_serving(),
-                "weight": b.weight,
-                "backup": b.backup,
+                "up": b.health() == Health::Up,
+                "active": m.is_serving(),
+                "weight": m.weight,
+                "backup": m.backup,
                 "connections": b.metrics.connections_active.get(),
             })
         })
         .collect();
     let mut v = json!({
-        "mode": p.mode.as_str(),
-        "algorithm": p.algorithm.as_str(),
+        "mode": settings.mode.as_str(),
+        "algorithm": settings.algorithm.as_str(),
+        "on_backend_down": settings.on_backend_down.as_str(),
         "ready": p.is_ready(),
         "backends": backends,
     });
-    if p.mode == crate::config::Mode::ActivePassive {
-        v["failback"] = json!(p.failback.as_str());
+    if settings.mode == crate::config::Mode::ActivePassive {
+        v["failback"] = json!(settings.failback.as_str());
+        v["on_failback"] = json!(settings.on_failback.as_str());
     }
     v
 }

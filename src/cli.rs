@@ -69,6 +69,7 @@ pub fn main(cli: Cli) -> ExitCode {
     match server::run(
         config,
         RunOptions {
+            config_path: cli.conf.clone(),
             daemon: cli.daemon,
             upgrade: cli.upgrade,
         },

@@ -135,6 +135,25 @@ pub enum Failback {
     Manual,
 }
 
+/// What happens to established connections when their backend stops serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionPolicy {
+    /// They run on until they end.
+    Keep,
+    /// They are closed, so clients reconnect to a backend that serves.
+    Close,
+}
+
+impl SessionPolicy {
+    /// The name used in the YAML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionPolicy::Keep => "keep",
+            SessionPolicy::Close => "close",
+        }
+    }
+}
+
 /// The health-check protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CheckKind {
@@ -157,6 +176,10 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// Backends tried per client connection.
     pub connect_attempts: u32,
+    /// Connections to a backend that is marked down.
+    pub on_backend_down: SessionPolicy,
+    /// Connections on a standby when traffic fails back (active_passive, failback auto).
+    pub on_failback: SessionPolicy,
     /// Active health checking.
     pub health_check: HealthCheckSettings,
     /// Backends in priority order.
@@ -176,6 +199,8 @@ pub struct HealthCheckSettings {
     pub rise: u32,
     /// Consecutive failures that mark a backend down.
     pub fall: u32,
+    /// Whether failed connects of real traffic count as failures too.
+    pub passive: bool,
 }
 
 /// One backend of a pool.
@@ -376,6 +401,7 @@ impl Default for HealthCheckSettings {
             timeout: DEFAULT_CHECK_TIMEOUT,
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
+            passive: true,
         }
     }
 }
@@ -732,6 +758,8 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "failback",
             "connect_timeout",
             "connect_attempts",
+            "on_backend_down",
+            "on_failback",
             "health_check",
             "backends",
         ],
@@ -777,6 +805,17 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             .map(|n| n as u32),
         None => Some(DEFAULT_CONNECT_ATTEMPTS),
     };
+    let policies = [
+        ("keep", SessionPolicy::Keep),
+        ("close", SessionPolicy::Close),
+    ];
+    let on_backend_down = f
+        .get("on_backend_down")
+        .and_then(|v| d.choice(v, &f.path("on_backend_down"), &policies))
+        .unwrap_or(SessionPolicy::Keep);
+    let on_failback_set = f
+        .get("on_failback")
+        .map(|v| d.choice(v, &f.path("on_failback"), &policies));
     let health_check = match f.get("health_check") {
         Some(v) => decode_health_check(d, v, &f.path("health_check")),
         None => Some(HealthCheckSettings::default()),
@@ -795,6 +834,13 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
     if let Some(mode) = mode {
         if mode == Mode::ActiveActive && failback_set.is_some() {
             d.problem(f.path("failback"), "only applies to mode active_passive");
+        }
+        let auto_failback = !matches!(failback_set, Some(Some(Failback::Manual)));
+        if on_failback_set.is_some() && (mode != Mode::ActivePassive || !auto_failback) {
+            d.problem(
+                f.path("on_failback"),
+                "only applies to mode active_passive with failback: auto",
+            );
         }
         if mode == Mode::ActivePassive && algorithm_set.is_some() {
             d.problem(
@@ -815,6 +861,8 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         failback: failback_set.flatten().unwrap_or(Failback::Auto),
         connect_timeout: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         connect_attempts: connect_attempts.unwrap_or(DEFAULT_CONNECT_ATTEMPTS),
+        on_backend_down,
+        on_failback: on_failback_set.flatten().unwrap_or(SessionPolicy::Keep),
         health_check: health_check.unwrap_or_default(),
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
     })
@@ -935,7 +983,11 @@ fn check_backend_roles(d: &mut Decoder, mode: Mode, path: &str, backends: &[Deco
 }
 
 fn decode_health_check(d: &mut Decoder, v: &Value, path: &str) -> Option<HealthCheckSettings> {
-    let f = d.mapping(v, path, &["kind", "interval", "timeout", "rise", "fall"])?;
+    let f = d.mapping(
+        v,
+        path,
+        &["kind", "interval", "timeout", "rise", "fall", "passive"],
+    )?;
     let before = d.problems.len();
     let mut h = HealthCheckSettings::default();
     if let Some(v) = f.get("kind") {
@@ -959,6 +1011,9 @@ fn decode_health_check(d: &mut Decoder, v: &Value, path: &str) -> Option<HealthC
     }
     if let Some(v) = f.get("fall") {
         h.fall = d.integer(v, &f.path("fall"), 1, 100).unwrap_or(1) as u32;
+    }
+    if let Some(v) = f.get("passive") {
+        h.passive = d.boolean(v, &f.path("passive")).unwrap_or(true);
     }
     if d.problems.len() == before && h.timeout > h.interval {
         // Only a written-out timeout can be blamed; otherwise the interval is too short.

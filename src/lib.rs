@@ -7,13 +7,16 @@
 //! | [`cli`] | flags, `-t`, start-up |
 //! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
 //! | [`server`] | turning a config into pingora services and running them |
-//! | [`listener`] | the L4 `ServerApp`: admission, backend connect with retries, bind supervision |
+//! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals, upgrade handover |
+//! | [`listener`] | one client: admission, backend connect with retries and passive health, relay |
 //! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting |
 //! | [`pool`] | backend state, serving set (active-active / active-passive), failover, picking |
 //! | [`health`] | background health checks with rise/fall and DNS re-resolution |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/api/v1/pools` |
-//! | [`lifecycle`] | readiness, signals, draining on shutdown |
+//! | [`lifecycle`] | signals, draining on shutdown |
+//! | [`state`] | what admin, signals and reloads share; readiness |
+//! | [`reload`] | applying a new configuration in place |
 
 pub mod admin;
 pub mod cli;
@@ -24,4 +27,7 @@ pub mod listener;
 pub mod metrics;
 pub mod pool;
 pub mod relay;
+pub mod reload;
 pub mod server;
+pub mod state;
+pub mod traffic;

@@ -1,38 +1,25 @@
-//! The L4 service: one pingora `ServerApp` per listener.
+//! Serving one client: admission, backend connect with retries, relay.
 //!
 //! For each client: admit it (or refuse at `max_connections`), pick a backend
 //! from the pool, connect within `connect_timeout`, try another candidate on
 //! failure up to `connect_attempts`, then relay bytes until both sides are
-//! done (see [`crate::relay`]). Nothing here panics on network input; every
-//! refusal is counted and logged without flooding.
-//!
-//! [`ListenerService`] wraps pingora's listening service to learn when the
-//! sockets are bound (for `/readyz`) and to stop the process when binding
-//! fails, which pingora would otherwise only log from a dead task.
+//! done (see [`crate::relay`]). Failed connects count against the backend
+//! (passive health); a connect that fails for lack of local resources does
+//! not. Nothing here panics on network input; every refusal is counted and
+//! logged without flooding.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use log::{debug, error, warn};
-use pingora::apps::ServerApp;
-use pingora::listeners::ListenerConfig;
-use pingora::protocols::Stream;
-use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::protocols::l4::stream::L4BufferSettings;
-use pingora::server::{ListenFds, ShutdownWatch};
-use pingora::services::Service as ServiceTrait;
-use pingora::services::listening::Service;
+use log::{debug, warn};
 use prometheus::IntGauge;
-use tokio::net::TcpStream;
 
 use crate::config::ListenerSettings;
-use crate::lifecycle::Readiness;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
-use crate::pool::{BackendState, Pool};
+use crate::pool::{Member, Pool};
 use crate::relay::socket::{self, Socket};
 use crate::relay::{self, End, Meter};
 
@@ -84,6 +71,18 @@ impl Default for LogLimiter {
     }
 }
 
+/// Client connections open through every listener of the process, removed
+/// listeners included: what a shutdown waits for.
+#[derive(Debug, Default)]
+pub struct OpenConnections(AtomicI64);
+
+impl OpenConnections {
+    /// How many are open.
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
 /// Serves the clients of one listener.
 pub struct ListenerApp {
     name: String,
@@ -91,188 +90,44 @@ pub struct ListenerApp {
     max_connections: Option<usize>,
     relay: relay::Options,
     metrics: ListenerMetrics,
+    open: Arc<OpenConnections>,
     no_backend_log: LogLimiter,
     limit_log: LogLimiter,
 }
 
-/// Decrements a gauge when dropped.
-struct Held<'a>(&'a IntGauge);
+/// Counts a connection as open until dropped.
+struct Held<'a>(&'a IntGauge, &'a OpenConnections);
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a IntGauge, open: &'a OpenConnections) -> Self {
+        gauge.inc();
+        open.0.fetch_add(1, Relaxed);
+        Held(gauge, open)
+    }
+}
 
 impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+        self.1.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct Pending<'a>(&'a IntGauge);
+
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
 }
 
-impl ListenerApp {
-    /// Serve the listener `settings` from `pool`.
-    pub fn new(settings: &ListenerSettings, pool: Arc<Pool>, metrics: ListenerMetrics) -> Self {
-        ListenerApp {
-            name: settings.name.clone(),
-            pool,
-            max_connections: settings.max_connections,
-            relay: relay::Options {
-                idle_timeout: settings.idle_timeout,
-                splice: settings.splice,
-            },
-            metrics,
-            no_backend_log: LogLimiter::new(),
-            limit_log: LogLimiter::new(),
-        }
-    }
-
-    /// Admit a client, connect it to a backend and relay until it is done.
-    async fn serve(&self, client: Client) {
-        let m = &self.metrics;
-        m.active.inc();
-        let _held = Held(&m.active);
-        if let Some(max) = self.max_connections {
-            if m.active.get() > max as i64 {
-                m.rejected_max_connections.inc();
-                if let Some(skipped) = self.limit_log.allow() {
-                    warn!(
-                        "listener {}: max_connections ({max}) reached; refusing clients{}",
-                        self.name,
-                        since_last(skipped)
-                    );
-                }
-                return;
-            }
-        }
-        let client_addr = (self.pool.needs_client_key() || log::log_enabled!(log::Level::Debug))
-            .then(|| client.peer_addr())
-            .flatten();
-        let key = match client_addr.filter(|_| self.pool.needs_client_key()) {
-            Some(a) => ip_key(a),
-            None => Vec::new(),
-        };
-        let started = Instant::now();
-        // Boxed: the connect state is short-lived and must not size the
-        // future every idle connection keeps.
-        let Some((backend, upstream)) = Box::pin(self.connect(&key)).await else {
-            m.rejected_no_backend.inc();
-            if let Some(skipped) = self.no_backend_log.allow() {
-                warn!(
-                    "listener {}: no backend of pool {} accepted the connection; client refused{}",
-                    self.name,
-                    self.pool.name,
-                    since_last(skipped)
-                );
-            }
-            return;
-        };
-        let _backend_held = Held(&backend.metrics.connections_active);
-        let up = Meter {
-            listener: &m.bytes_in,
-            backend: &backend.metrics.bytes_in,
-            spliced: &m.spliced,
-        };
-        let down = Meter {
-            listener: &m.bytes_out,
-            backend: &backend.metrics.bytes_out,
-            spliced: &m.spliced,
-        };
-        let (end, totals) = match client {
-            Client::Tcp(tcp) => relay::relay_tcp(tcp, upstream, self.relay, up, down).await,
-            Client::Other(mut stream) => {
-                // This engine wants tokio's stream type; re-register the socket as one.
-                let mut upstream = match TcpStream::from_std(upstream.into_inner()) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        debug!(
-                            "listener {}: cannot register a backend socket: {e}",
-                            self.name
-                        );
-                        return;
-                    }
-                };
-                relay::relay_io(
-                    &mut stream,
-                    &mut upstream,
-                    self.relay.idle_timeout,
-                    up,
-                    down,
-                )
-                .await
-            }
-        };
-        m.duration.observe(started.elapsed().as_secs_f64());
-        if log::log_enabled!(log::Level::Debug) {
-            let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
-            let how = match end {
-                End::Done => "closed".to_string(),
-                End::IdleTimeout => "idle timeout".to_string(),
-                End::Error(side, e) => format!("{side:?} side error: {e}"),
-            };
-            debug!(
-                "listener {}: {client_text} -> {}: {how} after {:?}, {} bytes in, {} out",
-                self.name,
-                backend.address,
-                started.elapsed(),
-                totals.to_backend,
-                totals.to_client
-            );
-        }
-    }
-
-    /// Connect to a backend, trying up to `connect_attempts` candidates.
-    async fn connect(&self, key: &[u8]) -> Option<(Arc<BackendState>, Socket)> {
-        let pool = &self.pool;
-        let mut tried: Vec<usize> = Vec::with_capacity(pool.connect_attempts as usize);
-        for attempt in 0..pool.connect_attempts as usize {
-            // Prefer a backend not tried yet; with none left, retry the tried ones in turn.
-            let pick = pool.pick(key, &tried).or_else(|| {
-                let again = *tried.get(attempt % tried.len().max(1))?;
-                let b = &pool.backends[again];
-                b.is_serving()
-                    .then(|| b.resolved().map(|a| (Arc::clone(b), a)))
-                    .flatten()
-            });
-            let Some((backend, addr)) = pick else { break };
-            if !tried.contains(&backend.index) {
-                tried.push(backend.index);
-            }
-            backend.metrics.connections_active.inc();
-            let started = Instant::now();
-            match self.connect_to(addr).await {
-                Ok(stream) => {
-                    backend
-                        .metrics
-                        .connect_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    backend.metrics.connections.inc();
-                    return Some((backend, stream));
-                }
-                Err((kind, e)) => {
-                    backend.metrics.connections_active.dec();
-                    backend.metrics.connect_errors(kind).inc();
-                    debug!(
-                        "listener {}: connect to {} ({addr}) failed ({}): {e}",
-                        self.name,
-                        backend.address,
-                        kind.as_str()
-                    );
-                }
-            }
-        }
-        None
-    }
-
-    /// One connect to `addr` within the pool's `connect_timeout`.
-    async fn connect_to(&self, addr: SocketAddr) -> Result<Socket, (ConnectErrorKind, io::Error)> {
-        match tokio::time::timeout(self.pool.connect_timeout, socket::connect(addr)).await {
-            Ok(Ok(socket)) => Ok(socket),
-            Ok(Err(e)) => {
-                let kind = match e.kind() {
-                    io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
-                    io::ErrorKind::TimedOut => ConnectErrorKind::Timeout,
-                    _ => ConnectErrorKind::Other,
-                };
-                Err((kind, e))
-            }
-            Err(_) => Err((ConnectErrorKind::Timeout, io::ErrorKind::TimedOut.into())),
-        }
-    }
+/// Why no backend connection was made.
+enum Refusal {
+    /// Every candidate failed, or there was none.
+    NoBackend,
+    /// This process is out of file descriptors.
+    OutOfFds,
 }
 
 /// The tail of a rate-limited log line.
@@ -291,227 +146,239 @@ fn ip_key(addr: SocketAddr) -> Vec<u8> {
     }
 }
 
-/// A client stream, ready for the relay.
-enum Client {
-    /// A plain TCP socket, taken out of pingora's stream.
-    Tcp(Socket),
-    /// Any other stream, as pingora gave it.
-    Other(Stream),
+fn is_local_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+    )
 }
 
-impl Client {
-    fn peer_addr(&self) -> Option<SocketAddr> {
-        match self {
-            Client::Tcp(tcp) => tcp.get_ref().peer_addr().ok(),
-            Client::Other(stream) => match stream.get_socket_digest()?.peer_addr()? {
-                PingoraAddr::Inet(a) => Some(*a),
-                _ => None,
-            },
-        }
-    }
-}
-
-/// The client as the relay wants it: a registered socket when it is plain
-/// TCP, so the relay can wait for readiness without holding a buffer, and
-/// splice.
-fn into_client(stream: Stream) -> io::Result<Client> {
-    match socket::take_from_pingora(stream) {
-        Ok(tcp) => socket::register(tcp).map(Client::Tcp),
-        Err(other) => Ok(Client::Other(other)),
-    }
-}
-
-#[async_trait]
-impl ServerApp for ListenerApp {
-    async fn process_new(
-        self: &Arc<Self>,
-        client: Stream,
-        _shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        // Open connections run to their end after shutdown starts; the drain
-        // service bounds how long that may take.
-        self.metrics.connections.inc();
-        match into_client(client) {
-            // A task of its own: pingora's per-connection task, sized for
-            // every kind of stream, ends here, and an idle connection keeps
-            // only this smaller one.
-            Ok(tcp @ Client::Tcp(_)) => {
-                let app = Arc::clone(self);
-                tokio::spawn(async move { app.serve(tcp).await });
-            }
-            Ok(other) => self.serve(other).await,
-            Err(e) => debug!(
-                "listener {}: cannot take over a client socket: {e}",
-                self.name
-            ),
-        }
-        None
-    }
-}
-
-/// pingora's listening service for one listener, plus bind supervision.
-pub struct ListenerService {
-    name: String,
-    addrs: Vec<SocketAddr>,
-    inner: Option<Service<ListenerApp>>,
-    readiness: Arc<Readiness>,
-    threads: usize,
-}
-
-impl ListenerService {
-    /// A service for `settings` served by `app` on `threads` threads.
+impl ListenerApp {
+    /// Serve the listener `settings` from `pool`.
     pub fn new(
         settings: &ListenerSettings,
-        app: ListenerApp,
-        threads: usize,
-        readiness: Arc<Readiness>,
+        pool: Arc<Pool>,
+        metrics: ListenerMetrics,
+        open: Arc<OpenConnections>,
     ) -> Self {
-        let mut inner = Service::new(settings.name.clone(), app);
-        for addr in &settings.bind {
-            // Unbuffered: bytes go straight from the socket to the relay.
-            inner.add_listener(
-                ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
-            );
-        }
-        inner.threads = Some(threads);
-        ListenerService {
-            name: format!("listener {}", settings.name),
-            addrs: settings.bind.clone(),
-            inner: Some(inner),
-            readiness,
-            threads,
-        }
-    }
-}
-
-/// How often bind progress is checked while a listener starts.
-const BIND_POLL: Duration = Duration::from_millis(10);
-
-#[async_trait]
-impl ServiceTrait for ListenerService {
-    async fn start_service(
-        &mut self,
-        fds: Option<ListenFds>,
-        shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
-    ) {
-        let Some(mut inner) = self.inner.take() else {
-            return;
-        };
-        let mut task =
-            tokio::spawn(async move { inner.start_service(fds, shutdown, listeners_per_fd).await });
-        let mut bound = false;
-        loop {
-            tokio::select! {
-                res = &mut task => {
-                    if let Err(e) = res {
-                        if e.is_panic() {
-                            let why = panic_text(e.into_panic());
-                            error!("{}: cannot listen on {:?}: {why}", self.name, self.addrs);
-                            std::process::exit(1);
-                        }
-                    }
-                    return;
-                }
-                _ = tokio::time::sleep(BIND_POLL), if !bound => {
-                    if self.addrs.iter().all(|a| sockets::is_listening(*a)) {
-                        bound = true;
-                        self.readiness.listener_bound();
-                    }
-                }
-            }
+        ListenerApp {
+            name: settings.name.clone(),
+            pool,
+            max_connections: settings.max_connections,
+            relay: relay::Options {
+                idle_timeout: settings.idle_timeout,
+                splice: settings.splice,
+            },
+            metrics,
+            open,
+            no_backend_log: LogLimiter::new(),
+            limit_log: LogLimiter::new(),
         }
     }
 
-    fn name(&self) -> &str {
+    /// The listener's name.
+    pub fn name(&self) -> &str {
         &self.name
     }
 
-    fn threads(&self) -> Option<usize> {
-        Some(self.threads)
+    /// The pool it forwards to.
+    pub fn pool(&self) -> Arc<Pool> {
+        Arc::clone(&self.pool)
     }
 
-    fn listen_addresses(&self) -> Option<Vec<String>> {
-        Some(self.addrs.iter().map(ToString::to_string).collect())
+    /// Count a client accepted and closed for lack of file descriptors.
+    pub fn count_fd_refusal(&self) {
+        self.metrics.connections.inc();
+        self.metrics.rejected_fd_limit.inc();
     }
-}
 
-fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown error".to_string())
-}
+    /// Serve a client the listener just accepted.
+    pub async fn serve_accepted(self: Arc<Self>, client: Socket) {
+        self.metrics.connections.inc();
+        self.serve(client).await;
+    }
 
-/// Which TCP addresses this process's network namespace is listening on.
-pub mod sockets {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
-    /// Whether a socket in LISTEN state is bound to `addr`. Without
-    /// `/proc/net`, assume it is.
-    pub fn is_listening(addr: SocketAddr) -> bool {
-        let file = if addr.is_ipv4() {
-            "/proc/self/net/tcp"
-        } else {
-            "/proc/self/net/tcp6"
+    /// Admit a client, connect it to a backend and relay until it is done.
+    async fn serve(&self, client: Socket) {
+        let m = &self.metrics;
+        let _held = Held::new(&m.active, &self.open);
+        if let Some(max) = self.max_connections {
+            if m.active.get() > max as i64 {
+                m.rejected_max_connections.inc();
+                if let Some(skipped) = self.limit_log.allow() {
+                    warn!(
+                        "listener {}: max_connections ({max}) reached; refusing clients{}",
+                        self.name,
+                        since_last(skipped)
+                    );
+                }
+                return;
+            }
+        }
+        let generation = self.pool.generation();
+        let needs_key = generation.needs_client_key();
+        let client_addr = (needs_key || log::log_enabled!(log::Level::Debug))
+            .then(|| client.get_ref().peer_addr().ok())
+            .flatten();
+        let key = match client_addr.filter(|_| needs_key) {
+            Some(a) => ip_key(a),
+            None => Vec::new(),
         };
-        match std::fs::read_to_string(file) {
-            Ok(table) => table
-                .lines()
-                .skip(1)
-                .filter_map(parse_listen_line)
-                .any(|a| a == addr),
-            Err(_) => true,
+        let started = Instant::now();
+        // Boxed: the connect state is short-lived and must not size the
+        // future every idle connection keeps.
+        let (member, upstream) = match Box::pin(self.connect(&key)).await {
+            Ok(connected) => connected,
+            Err(refusal) => {
+                self.refuse(refusal);
+                return;
+            }
+        };
+        let backend = &member.backend;
+        let _pending = Pending(&backend.metrics.connections_active);
+        let up = Meter {
+            listener: &m.bytes_in,
+            backend: &backend.metrics.bytes_in,
+            spliced: &m.spliced,
+        };
+        let down = Meter {
+            listener: &m.bytes_out,
+            backend: &backend.metrics.bytes_out,
+            spliced: &m.spliced,
+        };
+        // Watch for the pool closing this backend's sessions, if it ever does.
+        let closer = generation
+            .closes_sessions()
+            .then(|| backend.closer.notified());
+        drop(generation);
+        let abort = async move {
+            match closer {
+                Some(notified) => notified.await,
+                None => std::future::pending().await,
+            }
+        };
+        let (end, totals) = relay::relay_tcp(client, upstream, self.relay, up, down, abort).await;
+        m.duration.observe(started.elapsed().as_secs_f64());
+        if log::log_enabled!(log::Level::Debug) {
+            let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
+            let how = match end {
+                End::Done => "closed".to_string(),
+                End::IdleTimeout => "idle timeout".to_string(),
+                End::Aborted => "closed by the pool's session policy".to_string(),
+                End::Error(side, e) => format!("{side:?} side error: {e}"),
+            };
+            debug!(
+                "listener {}: {client_text} -> {}: {how} after {:?}, {} bytes in, {} out",
+                self.name,
+                backend.address,
+                started.elapsed(),
+                totals.to_backend,
+                totals.to_client
+            );
         }
     }
 
-    /// The local address of a `/proc/net/tcp{,6}` line in LISTEN state.
-    fn parse_listen_line(line: &str) -> Option<SocketAddr> {
-        let mut fields = line.split_whitespace();
-        let local = fields.nth(1)?;
-        let state = fields.nth(1)?;
-        if state != "0A" {
-            return None;
-        }
-        let (ip_hex, port_hex) = local.split_once(':')?;
-        let port = u16::from_str_radix(port_hex, 16).ok()?;
-        // The kernel prints each 32-bit word of the address in host byte order.
-        let words: Option<Vec<[u8; 4]>> = (0..ip_hex.len() / 8)
-            .map(|i| {
-                u32::from_str_radix(ip_hex.get(i * 8..i * 8 + 8)?, 16)
-                    .ok()
-                    .map(u32::to_ne_bytes)
-            })
-            .collect();
-        let bytes: Vec<u8> = words?.concat();
-        let ip = match bytes.len() {
-            4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
-            16 => {
-                let mut b = [0u8; 16];
-                b.copy_from_slice(&bytes);
-                IpAddr::V6(Ipv6Addr::from(b))
+    fn refuse(&self, refusal: Refusal) {
+        match refusal {
+            Refusal::NoBackend => {
+                self.metrics.rejected_no_backend.inc();
+                if let Some(skipped) = self.no_backend_log.allow() {
+                    warn!(
+                        "listener {}: no backend of pool {} accepted the connection; client refused{}",
+                        self.name,
+                        self.pool.name,
+                        since_last(skipped)
+                    );
+                }
             }
-            _ => return None,
-        };
-        Some(SocketAddr::new(ip, port))
+            Refusal::OutOfFds => {
+                self.metrics.rejected_fd_limit.inc();
+                if let Some(skipped) = self.no_backend_log.allow() {
+                    warn!(
+                        "listener {}: out of file descriptors; cannot connect to a backend, client refused{}",
+                        self.name,
+                        since_last(skipped)
+                    );
+                }
+            }
+        }
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn finds_a_listener_it_just_bound() {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            assert!(is_listening(l.local_addr().unwrap()));
-            let addr = l.local_addr().unwrap();
-            drop(l);
-            assert!(!is_listening(addr));
-            // IPv6 may be disabled where tests run.
-            if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
-                assert!(is_listening(l6.local_addr().unwrap()));
+    /// Connect to a backend, trying up to `connect_attempts` candidates.
+    async fn connect(&self, key: &[u8]) -> Result<(Arc<Member>, Socket), Refusal> {
+        let pool = &self.pool;
+        let generation = pool.generation();
+        let attempts = generation.settings.connect_attempts as usize;
+        let timeout = generation.settings.connect_timeout;
+        let mut tried: Vec<Arc<Member>> = Vec::with_capacity(attempts);
+        let mut tried_ids: Vec<usize> = Vec::with_capacity(attempts);
+        for attempt in 0..attempts {
+            // Prefer a backend not tried yet; with none left, retry the tried ones in turn.
+            let pick = pool.pick(key, &tried_ids).or_else(|| {
+                let again = tried.get(attempt % tried.len().max(1))?;
+                again
+                    .is_serving()
+                    .then(|| again.backend.resolved().map(|a| (Arc::clone(again), a)))
+                    .flatten()
+            });
+            let Some((member, addr)) = pick else { break };
+            if !tried_ids.contains(&member.backend.id()) {
+                tried_ids.push(member.backend.id());
+                tried.push(Arc::clone(&member));
             }
+            let backend = &member.backend;
+            backend.metrics.connections_active.inc();
+            let started = Instant::now();
+            match Self::connect_to(addr, timeout).await {
+                Ok(stream) => {
+                    backend
+                        .metrics
+                        .connect_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    backend.metrics.connections.inc();
+                    pool.observe_connect(backend, true, &"");
+                    return Ok((member, stream));
+                }
+                Err((_, e)) if is_local_resource_error(&e) => {
+                    // Says nothing about the backend, and every other would fail alike.
+                    backend.metrics.connections_active.dec();
+                    return Err(Refusal::OutOfFds);
+                }
+                Err((kind, e)) => {
+                    backend.metrics.connections_active.dec();
+                    backend.metrics.connect_errors(kind).inc();
+                    debug!(
+                        "listener {}: connect to {} ({addr}) failed ({}): {e}",
+                        self.name,
+                        backend.address,
+                        kind.as_str()
+                    );
+                    pool.observe_connect(backend, false, &e);
+                }
+            }
+        }
+        Err(Refusal::NoBackend)
+    }
+
+    /// One connect to `addr` within `timeout`.
+    async fn connect_to(
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Socket, (ConnectErrorKind, io::Error)> {
+        match tokio::time::timeout(timeout, socket::connect(addr)).await {
+            Ok(Ok(socket)) => Ok(socket),
+            Ok(Err(e)) => {
+                let kind = match e.kind() {
+                    io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
+                    io::ErrorKind::TimedOut => ConnectErrorKind::Timeout,
+                    _ => ConnectErrorKind::Other,
+                };
+                Err((kind, e))
+            }
+            Err(_) => Err((
+                ConnectErrorKind::Timeout,
+                io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            )),
         }
     }
 }

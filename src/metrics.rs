@@ -29,6 +29,8 @@ pub enum RejectReason {
     NoBackend,
     /// The listener's `max_connections` was reached.
     MaxConnections,
+    /// The process ran out of file descriptors.
+    FdLimit,
 }
 
 impl RejectReason {
@@ -37,6 +39,7 @@ impl RejectReason {
         match self {
             RejectReason::NoBackend => "no_backend",
             RejectReason::MaxConnections => "max_connections",
+            RejectReason::FdLimit => "fd_limit",
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct Metrics {
     backend_state_changes: IntCounterVec,
     backend_bytes: IntCounterVec,
     pool_failovers: IntCounterVec,
+    config_reloads: IntCounterVec,
+    config_last_reload_success: prometheus::Gauge,
 }
 
 /// Handles for one listener.
@@ -95,6 +100,8 @@ pub struct ListenerMetrics {
     pub rejected_no_backend: IntCounter,
     /// Refused at `max_connections`.
     pub rejected_max_connections: IntCounter,
+    /// Refused for lack of file descriptors.
+    pub rejected_fd_limit: IntCounter,
     /// Bytes from clients to backends.
     pub bytes_in: IntCounter,
     /// Bytes from backends to clients.
@@ -295,8 +302,42 @@ impl Metrics {
                 "Times traffic moved off a failed backend (or off the primary tier).",
                 &["pool"],
             ),
+            config_reloads: counter(
+                &r,
+                "sluice_config_reloads_total",
+                "Configuration reloads, by result.",
+                &["result"],
+            ),
+            config_last_reload_success: {
+                let g = prometheus::Gauge::new(
+                    "sluice_config_last_reload_success_timestamp_seconds",
+                    "When the configuration in force was loaded (start-up or the last successful reload), as a Unix time.",
+                )
+                .expect("metric options are constants and valid");
+                r.register(Box::new(g.clone()))
+                    .expect("each metric name is registered once");
+                g
+            },
             registry: r,
         }
+    }
+
+    /// Count a reload and, when it succeeded, note the time.
+    pub fn reloaded(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+        if ok {
+            self.config_loaded_now();
+        }
+    }
+
+    /// Record that the configuration in force was loaded now.
+    pub fn config_loaded_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.config_last_reload_success.set(now);
     }
 
     /// Handles for the listener `name`; every series exists from the start.
@@ -310,6 +351,9 @@ impl Metrics {
             rejected_max_connections: self
                 .listener_rejected
                 .with_label_values(&[name, RejectReason::MaxConnections.as_str()]),
+            rejected_fd_limit: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::FdLimit.as_str()]),
             bytes_in: self.listener_bytes.with_label_values(&[name, "in"]),
             bytes_out: self.listener_bytes.with_label_values(&[name, "out"]),
             duration: self.connection_duration.with_label_values(&[name]),
@@ -358,6 +402,65 @@ impl Metrics {
             bytes_out: self
                 .backend_bytes
                 .with_label_values(&[pool, backend, "out"]),
+        }
+    }
+
+    /// Drop the series of a listener that was removed.
+    pub fn remove_listener(&self, name: &str) {
+        let _ = self.listener_connections.remove_label_values(&[name]);
+        let _ = self.listener_active.remove_label_values(&[name]);
+        for reason in [
+            RejectReason::NoBackend,
+            RejectReason::MaxConnections,
+            RejectReason::FdLimit,
+        ] {
+            let _ = self
+                .listener_rejected
+                .remove_label_values(&[name, reason.as_str()]);
+        }
+        for direction in ["in", "out"] {
+            let _ = self.listener_bytes.remove_label_values(&[name, direction]);
+        }
+        let _ = self.listener_spliced.remove_label_values(&[name]);
+        let _ = self.connection_duration.remove_label_values(&[name]);
+    }
+
+    /// Drop the series of a pool that was removed (its backends separately).
+    pub fn remove_pool(&self, name: &str) {
+        let _ = self.pool_failovers.remove_label_values(&[name]);
+    }
+
+    /// Drop the series of a backend that left its pool.
+    pub fn remove_backend(&self, pool: &str, backend: &str) {
+        let l = [pool, backend];
+        let _ = self.backend_up.remove_label_values(&l);
+        let _ = self.backend_active.remove_label_values(&l);
+        let _ = self.backend_connections.remove_label_values(&l);
+        let _ = self.backend_connections_active.remove_label_values(&l);
+        let _ = self.backend_connect_duration.remove_label_values(&l);
+        for kind in [
+            ConnectErrorKind::Refused,
+            ConnectErrorKind::Timeout,
+            ConnectErrorKind::Other,
+        ] {
+            let _ =
+                self.backend_connect_errors
+                    .remove_label_values(&[pool, backend, kind.as_str()]);
+        }
+        for result in ["success", "failure"] {
+            let _ = self
+                .backend_health_checks
+                .remove_label_values(&[pool, backend, result]);
+        }
+        for to in ["up", "down"] {
+            let _ = self
+                .backend_state_changes
+                .remove_label_values(&[pool, backend, to]);
+        }
+        for direction in ["in", "out"] {
+            let _ = self
+                .backend_bytes
+                .remove_label_values(&[pool, backend, direction]);
         }
     }
 

@@ -8,21 +8,16 @@
 //! per counter, no lock), and an optional idle timeout closes the connection
 //! when nothing moved either way for that long.
 //!
-//! Two engines:
-//! - [`relay_tcp`] for plain TCP sockets. Bytes wait in a *stage* taken from a
-//!   per-thread pool only once the source is readable, and given back as soon
-//!   as it is empty, so an idle connection holds no buffer. The stage is a pipe
-//!   filled and drained with `splice(2)` (zero-copy: the bytes never enter
-//!   user space) or, when splicing is off or no pipe can be had, a pooled
-//!   buffer (see [`stage`]).
-//! - [`relay_io`] for any `AsyncRead + AsyncWrite` stream (TLS later): a plain
-//!   copy through two buffers.
+//! Messages are copied straight from one socket to the other through a
+//! per-thread scratch buffer; a read that fills it marks a bulk transfer,
+//! which then moves socket → pipe → socket with `splice(2)` and never enters
+//! user space. Pipes and leftover buffers come from per-thread pools only
+//! while bytes move, so an idle connection holds none (see [`stage`]).
 
-mod io_copy;
 pub mod socket;
 pub mod stage;
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -31,7 +26,6 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::time::Sleep;
 
-pub use io_copy::relay_io;
 pub use socket::Socket;
 use stage::{Pass, Stage};
 
@@ -68,6 +62,8 @@ pub enum End {
     Done,
     /// Nothing moved for the idle timeout.
     IdleTimeout,
+    /// Closed on purpose: the backend was marked down, or traffic failed back.
+    Aborted,
     /// An I/O error on one side.
     Error(Side, io::Error),
 }
@@ -302,14 +298,16 @@ pub struct Options {
 }
 
 /// Relay between two TCP sockets until both directions end, one side fails,
-/// or nothing moves for the idle timeout.
+/// nothing moves for the idle timeout, or `abort` completes.
 pub async fn relay_tcp(
     client: Socket,
     backend: Socket,
     options: Options,
     up: Meter<'_>,
     down: Meter<'_>,
+    abort: impl Future<Output = ()>,
 ) -> (End, Totals) {
+    let mut abort = std::pin::pin!(abort);
     let mut c2b = Direction::new(options.splice);
     let mut b2c = Direction::new(options.splice);
     let mut timer = options.idle_timeout.map(IdleTimer::new);
@@ -338,6 +336,9 @@ pub async fn relay_tcp(
         }
         if timer.as_mut().is_some_and(|t| t.poll_expired(cx, moved)) {
             return Poll::Ready(End::IdleTimeout);
+        }
+        if abort.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Aborted);
         }
         Poll::Pending
     })

@@ -1,11 +1,11 @@
 //! Wiring: a validated [`Config`] becomes a running pingora `Server`.
 //!
 //! ```text
-//! pingora Server (our signal handling: lifecycle::Signals)
-//!  ├─ admin           pingora HTTP service  -> admin::AdminApp          (optional)
-//!  ├─ BG health       health::HealthService (all pools)
-//!  ├─ listener <name> listener::ListenerService -> ListenerApp  × N, each waits for BG health
-//!  └─ BG drain        lifecycle::DrainService
+//! pingora Server (our signal handling: lifecycle::Signals; SIGHUP reloads)
+//!  ├─ admin      pingora HTTP service -> admin::AdminApp     (optional)
+//!  ├─ BG health  health::HealthService (a loop per pool)
+//!  ├─ listeners  traffic::TrafficService (every listener; waits for BG health)
+//!  └─ BG drain   lifecycle::DrainService
 //! ```
 
 use std::net::SocketAddr;
@@ -20,15 +20,18 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::Config;
-use crate::health::HealthService;
-use crate::lifecycle::{DrainService, Readiness, Signals};
-use crate::listener::{ListenerApp, ListenerService};
+use crate::health::{HealthChecks, HealthService};
+use crate::lifecycle::{DrainService, Signals};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::state::State;
+use crate::traffic::{Traffic, TrafficService};
 
 /// How the process was asked to start.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
+    /// The configuration file (re-read on reload).
+    pub config_path: std::path::PathBuf,
     /// Fork into the background (`-d`).
     pub daemon: bool,
     /// Take the listening sockets of a running instance (`-u`).
@@ -103,12 +106,26 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         check_binds(&config)?;
     }
     let metrics = Arc::new(Metrics::new());
-    let readiness = Arc::new(Readiness::new(config.pools.len(), config.listeners.len()));
+    metrics.config_loaded_now();
     let pools: Vec<Arc<Pool>> = config
         .pools
         .iter()
         .map(|p| Pool::new(p, &metrics))
         .collect();
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let pool = pools
+                .iter()
+                .find(|p| p.name == l.pool)
+                .cloned()
+                .expect("validation guarantees every listener's pool exists");
+            (l.clone(), pool)
+        })
+        .collect();
+    let traffic = Traffic::new(Arc::clone(&metrics), listeners);
+    let health = HealthChecks::new(pools.clone());
 
     let opt = Opt {
         upgrade: options.upgrade,
@@ -118,59 +135,39 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, &options));
     server.bootstrap();
 
-    if let Some(admin) = &config.admin {
-        let app = AdminApp::new(Arc::clone(&metrics), pools.clone(), Arc::clone(&readiness));
-        let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
-        svc.add_tcp(&admin.bind.to_string());
-        svc.threads = Some(1);
-        server.add_service(svc);
-        info!("admin listening on http://{}", admin.bind);
-    }
-
-    let health = server.add_service(background_service(
-        "health",
-        HealthService::new(pools.clone(), Arc::clone(&readiness)),
-    ));
-
-    let mut open_gauges = Vec::new();
-    for l in &config.listeners {
-        let pool = pools
-            .iter()
-            .find(|p| p.name == l.pool)
-            .cloned()
-            .expect("validation guarantees every listener's pool exists");
-        let lm = metrics.listener(&l.name);
-        open_gauges.push(lm.active.clone());
-        let app = ListenerApp::new(l, pool, lm);
-        let svc = ListenerService::new(l, app, config.server.threads, Arc::clone(&readiness));
-        let handle = server.add_service(svc);
-        handle.add_dependency(&health);
-        info!(
-            "listener {} on {} -> pool {} (opens after the first health-check round)",
-            l.name,
-            l.bind
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            l.pool
-        );
-    }
     for w in &config.warnings {
         warn!("{w}");
     }
+    let (grace, timeout) = (config.server.grace_period, config.server.shutdown_timeout);
+    let admin_bind = config.admin.as_ref().map(|a| a.bind);
+    let state = State::new(
+        options.config_path.clone(),
+        config,
+        Arc::clone(&metrics),
+        pools,
+        Arc::clone(&traffic),
+        Arc::clone(&health),
+    );
+
+    if let Some(bind) = admin_bind {
+        let app = AdminApp::new(Arc::clone(&state));
+        let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
+        svc.add_tcp(&bind.to_string());
+        svc.threads = Some(1);
+        server.add_service(svc);
+        info!("admin listening on http://{bind}");
+    }
+    let health_handle = server.add_service(background_service("health", HealthService(health)));
+    let traffic_handle = server.add_service(TrafficService(Arc::clone(&traffic)));
+    traffic_handle.add_dependency(&health_handle);
+    info!("listeners open after the first health-check round");
     server.add_service(background_service(
         "drain",
-        DrainService::new(open_gauges, config.server.shutdown_timeout),
+        DrainService::new(traffic.open_connections(), timeout),
     ));
 
-    let signals = Signals::new(
-        readiness,
-        config.server.grace_period,
-        config.server.shutdown_timeout,
-    );
     server.run(RunArgs {
-        shutdown_signal: Box::new(signals),
+        shutdown_signal: Box::new(Signals::new(state, grace, timeout)),
     });
     Ok(())
 }

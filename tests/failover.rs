@@ -161,39 +161,58 @@ async fn active_passive_manual_failback_stays_until_told() {
     assert!(body.contains("has no backend `127.0.0.1:1`"), "{body}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refusing_backend_is_skipped_without_client_errors() {
-    let mut bad = Backend::start("bad", Behavior::Name).await;
-    let good = Backend::start("good", Behavior::Name).await;
-    let port = reserve_port();
-    // Checks are slow to notice, so real traffic meets the refusing backend first.
-    let sluice = Sluice::start(&front_to_app(
+/// A pool whose active checks are too slow to notice anything during a test.
+fn slow_checks(port: u16, extra: &str, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("'{a}'")).collect();
+    front_to_app(
         port,
         "",
         &format!(
-            "health_check: {{ interval: 1m, timeout: 1s }}\nbackends: ['{}', '{}']",
-            bad.addr, good.addr
+            "health_check: {{ interval: 1m, timeout: 1s, fall: 3{extra} }}\nbackends: [{}]",
+            list.join(", ")
         ),
-    ))
-    .await;
+    )
+}
+
+fn refused(m: &Scrape, backend: SocketAddr) -> f64 {
+    m.value(
+        "sluice_backend_connect_errors_total",
+        &[
+            ("pool", "app"),
+            ("backend", &backend.to_string()),
+            ("kind", "refused"),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_backend_is_skipped_and_marked_down_by_real_traffic() {
+    let mut bad = Backend::start("bad", Behavior::Name).await;
+    let good = Backend::start("good", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&slow_checks(port, "", &[bad.addr, good.addr])).await;
     bad.stop_and_wait().await;
     assert_eq!(
         sluice.active_backends("app").await.len(),
         2,
         "checks have not noticed yet"
     );
+
     let counts = tally(addr(port), 20).await;
-    assert_eq!(counts, HashMap::from([("good".to_string(), 20)]));
-    let m = sluice.metrics().await;
-    let refused = m.value(
-        "sluice_backend_connect_errors_total",
-        &[
-            ("pool", "app"),
-            ("backend", &bad.addr.to_string()),
-            ("kind", "refused"),
-        ],
+    assert_eq!(
+        counts,
+        HashMap::from([("good".to_string(), 20)]),
+        "no client saw the failures"
     );
-    assert!(refused >= 10.0, "refused connects counted: {refused}");
+    // Passive health: `fall` (3) refused connects mark it down without a check.
+    assert_eq!(sluice.backend_state("app", bad.addr).await, "down");
+    assert_eq!(sluice.active_backends("app").await, [good.addr.to_string()]);
+    let m = sluice.metrics().await;
+    assert_eq!(
+        refused(&m, bad.addr),
+        3.0,
+        "no connect tried once it was down"
+    );
     assert_eq!(
         m.value(
             "sluice_listener_rejected_total",
@@ -201,6 +220,30 @@ async fn refusing_backend_is_skipped_without_client_errors() {
         ),
         0.0
     );
+    sluice
+        .wait_log(&format!(
+            "backend {} is DOWN after 3 failed connects of real traffic",
+            bad.addr
+        ))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_health_off_keeps_trying_until_the_checks_notice() {
+    let mut bad = Backend::start("bad", Behavior::Name).await;
+    let good = Backend::start("good", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&slow_checks(
+        port,
+        ", passive: false",
+        &[bad.addr, good.addr],
+    ))
+    .await;
+    bad.stop_and_wait().await;
+    let counts = tally(addr(port), 20).await;
+    assert_eq!(counts, HashMap::from([("good".to_string(), 20)]));
+    assert_eq!(sluice.backend_state("app", bad.addr).await, "up");
+    assert!(refused(&sluice.metrics().await, bad.addr) >= 10.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

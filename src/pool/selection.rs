@@ -3,8 +3,8 @@
 //! Each pool owns one `LoadBalancer` whose discovery returns exactly the
 //! serving set the pool last published, so pingora's selectors see only the
 //! backends that may take traffic and their weights are honoured exactly
-//! (3:1 weights give 75/25). Every `Backend` carries its [`BackendState`] in
-//! `ext`, so a pick leads straight to metrics and counters.
+//! (3:1 weights give 75/25). Every `Backend` carries its [`Member`] in
+//! `ext`, so a pick leads straight to its metrics and counters.
 //!
 //! `round_robin`, `random` and `source_hash` (ketama) are pingora's own
 //! selectors; `least_connections`, which pingora lacks, is
@@ -24,7 +24,7 @@ use pingora_load_balancing::selection::{
 };
 use pingora_load_balancing::{Backend, Backends, LoadBalancer};
 
-use super::BackendState;
+use super::Member;
 use crate::config::Algorithm;
 
 /// The serving set, as handed to pingora's discovery.
@@ -56,9 +56,9 @@ pub(super) struct Selector {
     balancer: Balancer,
 }
 
-/// The state a pingora `Backend` was built for.
-fn state_of(b: &Backend) -> Option<&Arc<BackendState>> {
-    b.ext.get::<Arc<BackendState>>()
+/// The member a pingora `Backend` was built for.
+fn member_of(b: &Backend) -> Option<&Arc<Member>> {
+    b.ext.get::<Arc<Member>>()
 }
 
 impl Selector {
@@ -82,16 +82,16 @@ impl Selector {
 
     /// Replace the serving set. Callers serialise this (the pool's lock), as
     /// pingora requires of `update`.
-    pub(super) fn publish(&self, members: Vec<(SocketAddr, Arc<BackendState>)>) {
+    pub(super) fn publish(&self, members: Vec<(SocketAddr, Arc<Member>)>) {
         let set: BTreeSet<Backend> = members
             .into_iter()
-            .map(|(addr, state)| {
+            .map(|(addr, member)| {
                 let mut b = Backend {
                     addr: PingoraAddr::Inet(addr),
-                    weight: state.weight.max(1) as usize,
+                    weight: member.weight.max(1) as usize,
                     ext: Default::default(),
                 };
-                b.ext.insert(state);
+                b.ext.insert(member);
                 b
             })
             .collect();
@@ -110,13 +110,10 @@ impl Selector {
     }
 
     /// A serving backend not in `tried`, by the pool's algorithm.
-    pub(super) fn select(
-        &self,
-        key: &[u8],
-        tried: &[usize],
-    ) -> Option<(Arc<BackendState>, SocketAddr)> {
-        let accept =
-            |b: &Backend, _healthy: bool| state_of(b).is_some_and(|s| !tried.contains(&s.index));
+    pub(super) fn select(&self, key: &[u8], tried: &[usize]) -> Option<(Arc<Member>, SocketAddr)> {
+        let accept = |b: &Backend, _healthy: bool| {
+            member_of(b).is_some_and(|m| !tried.contains(&m.backend.id()))
+        };
         // Fallback picks may repeat a backend; allow enough steps to see all.
         let steps = 4 * self.size.load(Relaxed) + 8;
         let b = match &self.balancer {
@@ -130,7 +127,7 @@ impl Selector {
             #[allow(unreachable_patterns)]
             _ => return None,
         };
-        state_of(&b).map(|s| (Arc::clone(s), addr))
+        member_of(&b).map(|m| (Arc::clone(m), addr))
     }
 }
 
@@ -169,7 +166,9 @@ pub struct LeastConnectionsIter {
 }
 
 fn load(b: &Backend) -> (u64, u64) {
-    let open = state_of(b).map_or(0, |s| s.metrics.connections_active.get().max(0) as u64);
+    let open = member_of(b).map_or(0, |m| {
+        m.backend.metrics.connections_active.get().max(0) as u64
+    });
     (open, b.weight.max(1) as u64)
 }
 

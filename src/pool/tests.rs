@@ -9,14 +9,15 @@ fn pool(yaml_pool: &str) -> Arc<Pool> {
 }
 
 fn set(p: &Pool, index: usize, h: Health) {
-    p.update_backend(index, Some(h), None);
+    p.force(index, h);
 }
 
 fn serving(p: &Pool) -> Vec<usize> {
-    p.backends
+    p.generation()
+        .members
         .iter()
-        .filter(|b| b.is_serving())
-        .map(|b| b.index)
+        .filter(|m| m.is_serving())
+        .map(|m| m.index)
         .collect()
 }
 
@@ -64,11 +65,14 @@ fn a_failed_connect_moves_on_to_any_other_up_backend() {
     set(&p, 1, Health::Up);
     assert_eq!(p.pick(b"", &[]).unwrap().0.index, 0);
     // The primary refused this client: the up backup is the next candidate.
-    assert_eq!(p.pick(b"", &[0]).unwrap().0.index, 1);
-    assert!(p.pick(b"", &[0, 1]).is_none());
+    assert_eq!(p.pick(b"", &[p.backend(0).id()]).unwrap().0.index, 1);
+    assert!(
+        p.pick(b"", &[p.backend(0).id(), p.backend(1).id()])
+            .is_none()
+    );
     set(&p, 1, Health::Down);
     assert!(
-        p.pick(b"", &[0]).is_none(),
+        p.pick(b"", &[p.backend(0).id()]).is_none(),
         "down backends are never candidates"
     );
 }
@@ -157,11 +161,11 @@ fn least_connections_prefers_the_least_loaded_relative_to_weight() {
     );
     set(&p, 0, Health::Up);
     set(&p, 1, Health::Up);
-    p.backends[0].metrics.connections_active.set(3);
-    p.backends[1].metrics.connections_active.set(2);
+    p.backend(0).metrics.connections_active.set(3);
+    p.backend(1).metrics.connections_active.set(2);
     // 3/2 < 2/1: the heavier-weighted backend is relatively less loaded.
     assert_eq!(picks(&p, 3), [0, 0, 0]);
-    p.backends[0].metrics.connections_active.set(5);
+    p.backend(0).metrics.connections_active.set(5);
     assert_eq!(picks(&p, 2), [1, 1]);
 }
 
@@ -184,4 +188,120 @@ fn source_hash_is_stable_per_client() {
         seen.insert(first);
     }
     assert_eq!(seen.len(), 3);
+}
+
+#[test]
+fn first_result_decides_then_thresholds_apply() {
+    let mut t = Tracker::default();
+    assert_eq!(t.observe(true, 2, 3), Some(Health::Up));
+    assert_eq!(t.observe(false, 2, 3), None);
+    assert_eq!(t.observe(false, 2, 3), None);
+    assert_eq!(
+        t.observe(true, 2, 3),
+        None,
+        "a success resets the failure streak"
+    );
+    assert_eq!(t.observe(false, 2, 3), None);
+    assert_eq!(t.observe(false, 2, 3), None);
+    assert_eq!(t.observe(false, 2, 3), Some(Health::Down));
+    assert_eq!(t.observe(true, 2, 3), None);
+    assert_eq!(t.observe(false, 2, 3), None);
+    assert_eq!(t.observe(true, 2, 3), None);
+    assert_eq!(t.observe(true, 2, 3), Some(Health::Up));
+
+    let mut t = Tracker::default();
+    assert_eq!(t.observe(false, 1, 1), Some(Health::Down));
+    assert_eq!(t.observe(true, 1, 1), Some(Health::Up));
+}
+
+#[test]
+fn failed_connects_of_real_traffic_mark_down_after_fall() {
+    let p = pool(
+        "    health_check: { fall: 3 }
+    backends: [127.0.0.1:1, 127.0.0.1:2]",
+    );
+    set(&p, 0, Health::Up);
+    set(&p, 1, Health::Up);
+    let b = p.backend(0);
+    p.observe_connect(&b, false, &"refused");
+    p.observe_connect(&b, false, &"refused");
+    p.observe_connect(&b, true, &"");
+    p.observe_connect(&b, false, &"refused");
+    p.observe_connect(&b, false, &"refused");
+    assert_eq!(
+        b.health(),
+        Health::Up,
+        "a success in between resets the count"
+    );
+    p.observe_connect(&b, false, &"refused");
+    assert_eq!(b.health(), Health::Down);
+    assert_eq!(serving(&p), [1]);
+    assert_eq!(b.metrics.to_down.get(), 1);
+    // Only active checks bring it back: `rise` (2) successes.
+    p.observe_check(&b, Ok("127.0.0.1:1".parse().unwrap()));
+    assert_eq!(b.health(), Health::Down);
+    p.observe_check(&b, Ok("127.0.0.1:1".parse().unwrap()));
+    assert_eq!(b.health(), Health::Up);
+}
+
+#[test]
+fn passive_health_can_be_turned_off() {
+    let p = pool(
+        "    health_check: { fall: 1, passive: false }
+    backends: [127.0.0.1:1]",
+    );
+    set(&p, 0, Health::Up);
+    let b = p.backend(0);
+    for _ in 0..5 {
+        p.observe_connect(&b, false, &"refused");
+    }
+    assert_eq!(b.health(), Health::Up);
+}
+
+#[test]
+fn reconfigure_keeps_the_health_of_backends_that_stay() {
+    let p = pool("    backends: [127.0.0.1:1, 127.0.0.1:2, 127.0.0.1:3]");
+    set(&p, 0, Health::Up);
+    set(&p, 1, Health::Down);
+    set(&p, 2, Health::Up);
+    let (kept, gone) = (p.backend(1), p.backend(2));
+    let src = "listeners: { l: { bind: 127.0.0.1:1, pool: p } }
+pools:
+  p:
+    backends: [127.0.0.1:2, { address: 127.0.0.1:1, weight: 3 }, 127.0.0.1:4]";
+    let next = Config::from_yaml(src).unwrap();
+    let left = p.reconfigure(&next.pools[0], &Metrics::new());
+    assert_eq!(left.len(), 1);
+    assert!(Arc::ptr_eq(&left[0], &gone));
+    let g = p.generation();
+    assert!(
+        Arc::ptr_eq(&g.members[0].backend, &kept),
+        "127.0.0.1:2 kept its state"
+    );
+    assert_eq!(g.members[0].backend.health(), Health::Down);
+    assert_eq!(g.members[1].backend.health(), Health::Up);
+    assert_eq!(g.members[1].weight, 3);
+    assert_eq!(
+        g.members[2].backend.health(),
+        Health::Unknown,
+        "a new backend is not trusted yet"
+    );
+    assert_eq!(serving(&p), [1]);
+}
+
+#[tokio::test]
+async fn marking_down_closes_sessions_when_the_pool_says_so() {
+    let p = pool(
+        "    on_backend_down: close
+    backends: [127.0.0.1:1, 127.0.0.1:2]",
+    );
+    set(&p, 0, Health::Up);
+    set(&p, 1, Health::Up);
+    assert!(p.generation().closes_sessions());
+    let b = p.backend(0);
+    let closed = b.closer.notified();
+    set(&p, 0, Health::Down);
+    tokio::time::timeout(std::time::Duration::from_secs(1), closed)
+        .await
+        .expect("sessions told to close");
 }

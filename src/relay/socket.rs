@@ -1,13 +1,13 @@
-//! TCP sockets as the TCP engine holds them, and the only `unsafe` code in
-//! sluice: taking a client socket out of pingora's stream and registering
-//! owned sockets with the runtime.
+//! Sockets as sluice holds them, and the only `unsafe` code in sluice:
+//! owning the descriptors that `accept4(2)` and pingora's listener-fd table
+//! hand over, and registering owned sockets with the runtime.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
-use pingora::protocols::Stream;
-use pingora::protocols::l4::stream::Stream as L4Stream;
+use nix::sys::socket::SockFlag;
+use pingora::server::ListenFds;
 use tokio::io::unix::AsyncFd;
 
 /// A non-blocking TCP socket registered with the runtime. Its readiness comes
@@ -22,24 +22,62 @@ pub fn register(socket: std::net::TcpStream) -> io::Result<Socket> {
     unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
 }
 
-/// Take the socket of a plain TCP stream out of pingora's wrapper: the
-/// descriptor is duplicated and pingora's copy closed, so the socket stays
-/// open through the returned one alone. The duplicate shares the open file
-/// description, so it is already non-blocking. `Err` gives back any other kind of
-/// stream (or a plain one when no descriptor is left for the duplicate).
+/// Accept a client: non-blocking, close-on-exec, `TCP_NODELAY`, registered
+/// with the runtime. `WouldBlock` means no client is waiting.
 #[allow(unsafe_code)]
-pub fn take_from_pingora(stream: Stream) -> Result<std::net::TcpStream, Stream> {
-    let Some(l4) = stream.as_any().downcast_ref::<L4Stream>() else {
-        return Err(stream);
-    };
-    // SAFETY: the descriptor belongs to `l4`, which keeps it open until
-    // `stream` is dropped below, after the duplicate has been made.
-    let fd = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) };
-    let Ok(owned) = fd.try_clone_to_owned() else {
-        return Err(stream);
-    };
-    drop(stream);
-    Ok(std::net::TcpStream::from(owned))
+pub fn accept(listener: &std::net::TcpListener) -> io::Result<Socket> {
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd = nix::sys::socket::accept4(listener.as_raw_fd(), flags).map_err(io::Error::from)?;
+    // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+    let client = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    client.set_nodelay(true)?;
+    register(client)
+}
+
+/// Register a listening socket with the runtime.
+#[allow(unsafe_code)]
+pub fn register_listener(
+    listener: std::net::TcpListener,
+) -> io::Result<AsyncFd<std::net::TcpListener>> {
+    listener.set_nonblocking(true)?;
+    // SAFETY: as in `register`: the listener owns its descriptor and is never swapped.
+    unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// A listening socket inherited from the process sluice took over from
+/// (`-u`), duplicated so that pingora's table keeps its own copy for the
+/// next upgrade.
+#[allow(unsafe_code)]
+pub fn listener_from_inherited(fd: RawFd) -> io::Result<std::net::TcpListener> {
+    // SAFETY: the descriptor is owned by pingora's listener-fd table, which
+    // keeps it open for the life of the process (or until `forget_in_table`).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(std::net::TcpListener::from(borrowed.try_clone_to_owned()?))
+}
+
+/// Enter a copy of `listener` in pingora's listener-fd table under `key`, so
+/// that SIGQUIT hands it to the next process. The table owns the copy.
+pub fn enter_in_table(
+    fds: &ListenFds,
+    key: String,
+    listener: &std::net::TcpListener,
+) -> io::Result<()> {
+    let copy = listener.as_fd().try_clone_to_owned()?;
+    fds.lock().add(key, copy.into_raw_fd());
+    Ok(())
+}
+
+/// Close and remove the table's copies for the addresses in `remove`.
+pub fn forget_in_table(fds: &ListenFds, remove: &std::collections::HashSet<String>) {
+    let mut table = fds.lock();
+    let keep = table
+        .serialize()
+        .0
+        .into_iter()
+        .filter(|k| !remove.contains(k))
+        .collect();
+    table.close_unclaimed(&keep);
 }
 
 /// A non-blocking connect to `addr`, registered with the runtime.

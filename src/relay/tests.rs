@@ -1,11 +1,11 @@
-//! Both engines over in-memory pipes and real loopback sockets: half-close,
+//! The relay over real loopback sockets: half-close,
 //! large transfers with checksums both ways, backend closing first, idle
 //! timeout, and the splice and buffer stages alike.
 
 use super::*;
 use prometheus::IntCounter;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, duplex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -63,6 +63,7 @@ async fn tcp_relay(
                 backend: &b,
                 spliced: &spliced,
             },
+            std::future::pending(),
         )
         .await;
         (end, totals, (up.get(), down.get()), spliced.get())
@@ -193,79 +194,6 @@ async fn tcp_relay_idle_timeout() {
     let idle = started.elapsed();
     assert!(
         idle >= Duration::from_secs(30) && idle <= Duration::from_millis(33_750),
-        "{idle:?}"
-    );
-}
-
-type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
-
-/// The generic engine between two in-memory pipes.
-fn spawn_io_relay(idle: Option<Duration>) -> (Ends, tokio::task::JoinHandle<(End, Totals)>) {
-    let (client_end, mut proxy_client) = duplex(64);
-    let (mut proxy_backend, backend_end) = duplex(64);
-    let task = tokio::spawn(async move {
-        let (l, b) = (counter(), counter());
-        let meter = || Meter {
-            listener: &l,
-            backend: &b,
-            spliced: &b,
-        };
-        relay_io(
-            &mut proxy_client,
-            &mut proxy_backend,
-            idle,
-            meter(),
-            meter(),
-        )
-        .await
-    });
-    ((client_end, backend_end), task)
-}
-
-#[tokio::test]
-async fn io_relay_half_close_still_delivers_the_reply() {
-    let ((mut client_end, mut backend_end), relay) = spawn_io_relay(None);
-    client_end.write_all(b"question").await.unwrap();
-    client_end.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    backend_end.read_to_end(&mut got).await.unwrap();
-    assert_eq!(got, b"question");
-    let reply = vec![7u8; 100_000];
-    let sent = reply.clone();
-    let writer = tokio::spawn(async move {
-        backend_end.write_all(&sent).await.unwrap();
-    });
-    let mut got = Vec::new();
-    client_end.read_to_end(&mut got).await.unwrap();
-    writer.await.unwrap();
-    assert_eq!(got, reply);
-    let (end, totals) = relay.await.unwrap();
-    assert!(matches!(end, End::Done), "{end:?}");
-    assert_eq!(
-        totals,
-        Totals {
-            to_backend: 8,
-            to_client: 100_000
-        }
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn io_relay_idle_timeout_fires_only_after_silence() {
-    let ((mut client_end, mut backend_end), relay) = spawn_io_relay(Some(Duration::from_secs(10)));
-    // Traffic every 6 s keeps the connection open past the 10 s limit.
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        client_end.write_all(b"x").await.unwrap();
-        let mut one = [0u8; 1];
-        backend_end.read_exact(&mut one).await.unwrap();
-    }
-    let started = Instant::now();
-    let (end, _) = relay.await.unwrap();
-    assert!(matches!(end, End::IdleTimeout), "{end:?}");
-    let idle = started.elapsed();
-    assert!(
-        idle >= Duration::from_secs(10) && idle <= Duration::from_millis(11_250),
         "{idle:?}"
     );
 }
