@@ -66,6 +66,23 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
             == 0.0
     })
     .await;
+    // Passive health may have marked `gone` down before any check ran; let
+    // the checks count a result each way too.
+    let checks = |m: &Scrape, addr: SocketAddr, result: &str| {
+        m.value(
+            "sluice_backend_health_checks_total",
+            &[
+                ("pool", "app"),
+                ("backend", &addr.to_string()),
+                ("result", result),
+            ],
+        )
+    };
+    wait_until("checks counted", || async {
+        let m = sluice.metrics().await;
+        checks(&m, good.addr, "success") >= 2.0 && checks(&m, gone.addr, "failure") >= 1.0
+    })
+    .await;
 
     let m = sluice.metrics().await;
     assert_eq!(
