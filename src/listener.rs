@@ -122,6 +122,47 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// The backends tried for one client, and how many tries are left.
+struct Attempts {
+    left: usize,
+    tried: Vec<Arc<Member>>,
+    ids: Vec<usize>,
+    turn: usize,
+}
+
+impl Attempts {
+    fn new(limit: usize) -> Self {
+        Attempts {
+            left: limit,
+            tried: Vec::new(),
+            ids: Vec::new(),
+            turn: 0,
+        }
+    }
+
+    fn record(&mut self, member: &Arc<Member>) {
+        let id = member.backend.id();
+        if !self.ids.contains(&id) {
+            self.ids.push(id);
+            self.tried.push(Arc::clone(member));
+        }
+    }
+
+    /// With every candidate tried, the tried ones that still serve, in turn.
+    fn again(&mut self) -> Option<(Arc<Member>, SocketAddr)> {
+        for _ in 0..self.tried.len() {
+            let m = &self.tried[self.turn % self.tried.len()];
+            self.turn += 1;
+            if m.is_serving() {
+                if let Some(addr) = m.backend.resolved() {
+                    return Some((Arc::clone(m), addr));
+                }
+            }
+        }
+        None
+    }
+}
+
 /// Why no backend connection was made.
 enum Refusal {
     /// Every candidate failed, or there was none.
@@ -225,56 +266,81 @@ impl ListenerApp {
             None => Vec::new(),
         };
         let started = Instant::now();
-        // Boxed: the connect state is short-lived and must not size the
-        // future every idle connection keeps.
-        let (member, upstream) = match Box::pin(self.connect(&key)).await {
-            Ok(connected) => connected,
-            Err(refusal) => {
-                self.refuse(refusal);
-                return;
-            }
-        };
-        let backend = &member.backend;
-        let _pending = Pending(&backend.metrics.connections_active);
-        let up = Meter {
-            listener: &m.bytes_in,
-            backend: &backend.metrics.bytes_in,
-            spliced: &m.spliced,
-        };
-        let down = Meter {
-            listener: &m.bytes_out,
-            backend: &backend.metrics.bytes_out,
-            spliced: &m.spliced,
-        };
-        // Watch for the pool closing this backend's sessions, if it ever does.
-        let closer = generation
-            .closes_sessions()
-            .then(|| backend.closer.notified());
+        let mut attempts = Attempts::new(generation.settings.connect_attempts as usize);
         drop(generation);
-        let abort = async move {
-            match closer {
-                Some(notified) => notified.await,
-                None => std::future::pending().await,
-            }
-        };
-        let (end, totals) = relay::relay_tcp(client, upstream, self.relay, up, down, abort).await;
-        m.duration.observe(started.elapsed().as_secs_f64());
-        if log::log_enabled!(log::Level::Debug) {
-            let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
-            let how = match end {
-                End::Done => "closed".to_string(),
-                End::IdleTimeout => "idle timeout".to_string(),
-                End::Aborted => "closed by the pool's session policy".to_string(),
-                End::Error(side, e) => format!("{side:?} side error: {e}"),
+        loop {
+            // Boxed: the connect state is short-lived and must not size the
+            // future every idle connection keeps.
+            let (member, upstream) = match Box::pin(self.connect(&key, &mut attempts)).await {
+                Ok(connected) => connected,
+                Err(refusal) => {
+                    self.refuse(refusal);
+                    return;
+                }
             };
-            debug!(
-                "listener {}: {client_text} -> {}: {how} after {:?}, {} bytes in, {} out",
-                self.name,
-                backend.address,
-                started.elapsed(),
-                totals.to_backend,
-                totals.to_client
-            );
+            let backend = &member.backend;
+            let pending = Pending(&backend.metrics.connections_active);
+            let up = Meter {
+                listener: &m.bytes_in,
+                backend: &backend.metrics.bytes_in,
+                spliced: &m.spliced,
+            };
+            let down = Meter {
+                listener: &m.bytes_out,
+                backend: &backend.metrics.bytes_out,
+                spliced: &m.spliced,
+            };
+            // Watch for the pool closing this backend's sessions, if it ever does.
+            let closer = self
+                .pool
+                .generation()
+                .closes_sessions()
+                .then(|| backend.closer.notified());
+            let abort = async move {
+                match closer {
+                    Some(notified) => notified.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (end, totals) =
+                relay::relay_tcp(&client, &upstream, self.relay, up, down, abort).await;
+            if let End::Unused(e) = &end {
+                // The backend went away before the session began: as good as a
+                // failed connect, and the client never noticed. Try another.
+                backend
+                    .metrics
+                    .connect_errors(ConnectErrorKind::Other)
+                    .inc();
+                self.pool.observe_connect(backend, false, e);
+                debug!(
+                    "listener {}: {} closed before the session began ({e}); trying another",
+                    self.name, backend.address
+                );
+                drop(pending);
+                continue;
+            }
+            m.duration.observe(started.elapsed().as_secs_f64());
+            if log::log_enabled!(log::Level::Debug) {
+                let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
+                let how = match end {
+                    End::Done => "closed".to_string(),
+                    End::IdleTimeout => "idle timeout".to_string(),
+                    End::Aborted => "closed by the pool's session policy".to_string(),
+                    End::Unused(e) | End::Error(relay::Side::Backend, e) => {
+                        format!("backend error: {e}")
+                    }
+                    End::Error(relay::Side::Client, e) => format!("client error: {e}"),
+                };
+                debug!(
+                    "listener {}: {client_text} -> {}: {how} after {:?}, {} bytes in, {} out",
+                    self.name,
+                    backend.address,
+                    started.elapsed(),
+                    totals.to_backend,
+                    totals.to_client
+                );
+            }
+            return;
         }
     }
 
@@ -304,28 +370,20 @@ impl ListenerApp {
         }
     }
 
-    /// Connect to a backend, trying up to `connect_attempts` candidates.
-    async fn connect(&self, key: &[u8]) -> Result<(Arc<Member>, Socket), Refusal> {
+    /// Connect to a backend, trying candidates while `attempts` last.
+    async fn connect(
+        &self,
+        key: &[u8],
+        attempts: &mut Attempts,
+    ) -> Result<(Arc<Member>, Socket), Refusal> {
         let pool = &self.pool;
-        let generation = pool.generation();
-        let attempts = generation.settings.connect_attempts as usize;
-        let timeout = generation.settings.connect_timeout;
-        let mut tried: Vec<Arc<Member>> = Vec::with_capacity(attempts);
-        let mut tried_ids: Vec<usize> = Vec::with_capacity(attempts);
-        for attempt in 0..attempts {
+        let timeout = pool.generation().settings.connect_timeout;
+        while attempts.left > 0 {
+            attempts.left -= 1;
             // Prefer a backend not tried yet; with none left, retry the tried ones in turn.
-            let pick = pool.pick(key, &tried_ids).or_else(|| {
-                let again = tried.get(attempt % tried.len().max(1))?;
-                again
-                    .is_serving()
-                    .then(|| again.backend.resolved().map(|a| (Arc::clone(again), a)))
-                    .flatten()
-            });
+            let pick = pool.pick(key, &attempts.ids).or_else(|| attempts.again());
             let Some((member, addr)) = pick else { break };
-            if !tried_ids.contains(&member.backend.id()) {
-                tried_ids.push(member.backend.id());
-                tried.push(Arc::clone(&member));
-            }
+            attempts.record(&member);
             let backend = &member.backend;
             backend.metrics.connections_active.inc();
             let started = Instant::now();

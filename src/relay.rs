@@ -64,6 +64,9 @@ pub enum End {
     IdleTimeout,
     /// Closed on purpose: the backend was marked down, or traffic failed back.
     Aborted,
+    /// The backend closed or failed before a single byte was exchanged and
+    /// while the client was still there: another backend may take over.
+    Unused(io::Error),
     /// An I/O error on one side.
     Error(Side, io::Error),
 }
@@ -142,7 +145,13 @@ struct Direction {
     bulk: bool,
     eof: bool,
     done: bool,
+    /// Bytes read from the source.
+    read: u64,
+    /// Bytes written to the destination.
     total: u64,
+    /// Report the source's EOF as an error instead of passing it on: set
+    /// while nothing has been exchanged, so the session can still be retried.
+    hold_eof: bool,
 }
 
 impl Direction {
@@ -153,7 +162,9 @@ impl Direction {
             bulk: false,
             eof: false,
             done: false,
+            read: 0,
             total: 0,
+            hold_eof: false,
         }
     }
 
@@ -243,6 +254,7 @@ impl Direction {
                                 again = true;
                             }
                             Ok(Ok(Pass { read, written })) => {
+                                self.read += read as u64;
                                 if read < wanted {
                                     guard.clear_ready();
                                 }
@@ -265,6 +277,9 @@ impl Direction {
             if self.stage.held() == 0 {
                 // Idle or finished: the pipe or buffer goes back to the pool.
                 self.stage.release();
+                if self.eof && self.hold_eof {
+                    return Poll::Ready(Err((from, io::ErrorKind::UnexpectedEof.into())));
+                }
                 if self.eof {
                     // Pass the half-close on, unless the other direction is
                     // done too: then closing the sockets says it. A peer that
@@ -300,8 +315,8 @@ pub struct Options {
 /// Relay between two TCP sockets until both directions end, one side fails,
 /// nothing moves for the idle timeout, or `abort` completes.
 pub async fn relay_tcp(
-    client: Socket,
-    backend: Socket,
+    client: &Socket,
+    backend: &Socket,
     options: Options,
     up: Meter<'_>,
     down: Meter<'_>,
@@ -313,22 +328,29 @@ pub async fn relay_tcp(
     let mut timer = options.idle_timeout.map(IdleTimer::new);
     let end = poll_fn(|cx| {
         let mut moved = false;
+        // Nothing exchanged yet, client still there: a failing backend can be replaced.
+        let unused = |c2b: &Direction, b2c: &Direction| c2b.read == 0 && !c2b.eof && b2c.read == 0;
+        let failure = |side: Side, e: io::Error, unused: bool| match side {
+            Side::Backend if unused => End::Unused(e),
+            _ => End::Error(side, e),
+        };
         if !c2b.done {
-            let ends = (&client, &backend);
+            let ends = (client, backend);
             let sides = (Side::Client, Side::Backend);
             if let Poll::Ready(Err((side, e))) =
                 c2b.poll_move(cx, ends, sides, &up, b2c.done, &mut moved)
             {
-                return Poll::Ready(End::Error(side, e));
+                return Poll::Ready(failure(side, e, unused(&c2b, &b2c)));
             }
         }
         if !b2c.done {
-            let ends = (&backend, &client);
+            b2c.hold_eof = unused(&c2b, &b2c);
+            let ends = (backend, client);
             let sides = (Side::Backend, Side::Client);
             if let Poll::Ready(Err((side, e))) =
                 b2c.poll_move(cx, ends, sides, &down, c2b.done, &mut moved)
             {
-                return Poll::Ready(End::Error(side, e));
+                return Poll::Ready(failure(side, e, unused(&c2b, &b2c)));
             }
         }
         if c2b.done && b2c.done {

@@ -50,8 +50,8 @@ async fn tcp_relay(
         let (up, down) = (counter(), counter());
         let (l, b, spliced) = (counter(), counter(), counter());
         let (end, totals) = relay_tcp(
-            proxy_client,
-            proxy_backend,
+            &proxy_client,
+            &proxy_backend,
             options,
             Meter {
                 listener: &up,
@@ -196,4 +196,31 @@ async fn tcp_relay_idle_timeout() {
         idle >= Duration::from_secs(30) && idle <= Duration::from_millis(33_750),
         "{idle:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_gone_before_the_session_began_is_reported_as_unused() {
+    for options in both_stages() {
+        let (client_end, backend_end, relay) = tcp_relay(options).await;
+        drop(backend_end);
+        let (end, totals, ..) = relay.await.unwrap();
+        assert!(matches!(end, End::Unused(_)), "{end:?}");
+        assert_eq!(totals, Totals::default());
+        drop(client_end);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_bytes_moved_a_backend_close_is_passed_on() {
+    let (mut client_end, backend_end, relay) = tcp_relay(both_stages()[0]).await;
+    client_end.write_all(b"x").await.unwrap();
+    let mut backend_end = backend_end;
+    let mut one = [0u8; 1];
+    backend_end.read_exact(&mut one).await.unwrap();
+    drop(backend_end);
+    let mut rest = Vec::new();
+    client_end.read_to_end(&mut rest).await.unwrap();
+    drop(client_end);
+    let (end, ..) = relay.await.unwrap();
+    assert!(!matches!(end, End::Unused(_)), "{end:?}");
 }
