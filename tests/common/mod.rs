@@ -84,7 +84,49 @@ impl Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.yaml");
         std::fs::write(&config_path, &yaml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        Sluice::launch(admin, dir, config_path, &[], None)
+    }
+
+    /// Start another sluice on the same configuration file and admin
+    /// address, with extra flags (`-u` for an upgrade).
+    pub fn spawn_next(&self, flags: &[&str]) -> Sluice {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.yaml");
+        std::fs::copy(&self.config_path, &config_path).unwrap();
+        Sluice::launch(self.admin, dir, config_path, flags, None)
+    }
+
+    /// Start sluice with at most `fds` open file descriptors.
+    pub fn spawn_with_fd_limit(yaml: &str, fds: u32) -> Sluice {
+        let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+        let yaml = yaml.replace("{admin}", &admin.to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.yaml");
+        std::fs::write(&config_path, &yaml).unwrap();
+        Sluice::launch(admin, dir, config_path, &[], Some(fds))
+    }
+
+    fn launch(
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        config_path: std::path::PathBuf,
+        flags: &[&str],
+        fd_limit: Option<u32>,
+    ) -> Sluice {
+        let bin = env!("CARGO_BIN_EXE_sluice");
+        let mut command = match fd_limit {
+            // The shell lowers the limit, then becomes sluice (same PID).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
+            .args(flags)
             .arg("-c")
             .arg(&config_path)
             .env("RUST_LOG", "info,sluice=debug")
@@ -109,6 +151,42 @@ impl Sluice {
             _dir: dir,
             config_path,
         }
+    }
+
+    /// Replace the configuration file (for a reload); `{admin}` is filled in.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let yaml = yaml.replace("{admin}", &self.admin.to_string());
+        std::fs::write(&self.config_path, yaml).unwrap();
+    }
+
+    /// `POST /api/v1/reload`: the status and the JSON body.
+    pub async fn reload(&self) -> (u16, serde_json::Value) {
+        let (status, body) = http_request(self.admin, "POST", "/api/v1/reload")
+            .await
+            .expect("POST /api/v1/reload");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Open file descriptors of the process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
     }
 
     /// Start sluice and wait until `/readyz` answers 200.
@@ -357,6 +435,10 @@ pub enum Behavior {
     Name,
     /// Echo everything until the client half-closes, then half-close.
     Echo,
+    /// Write its name, then a 1 KiB chunk every 10 ms until killed.
+    Stream,
+    /// Read everything and never answer.
+    Silent,
 }
 
 /// A backend on 127.0.0.1 that can be stopped and restarted on its port.
@@ -368,6 +450,7 @@ pub struct Backend {
     task: Option<JoinHandle<()>>,
     /// Connections accepted (health checks included).
     pub accepted: Arc<AtomicUsize>,
+    conns: Arc<Mutex<tokio::task::JoinSet<()>>>,
 }
 
 impl Backend {
@@ -380,6 +463,7 @@ impl Backend {
             behavior,
             task: None,
             accepted: Arc::new(AtomicUsize::new(0)),
+            conns: Arc::new(Mutex::new(tokio::task::JoinSet::new())),
         };
         b.serve(listener);
         b
@@ -388,6 +472,7 @@ impl Backend {
     fn serve(&mut self, listener: TcpListener) {
         let (name, behavior, accepted) =
             (self.name.clone(), self.behavior, Arc::clone(&self.accepted));
+        let conns = Arc::clone(&self.conns);
         self.task = Some(tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
@@ -395,7 +480,9 @@ impl Backend {
                 };
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let name = name.clone();
-                tokio::spawn(async move {
+                let mut set = conns.lock().unwrap();
+                while set.try_join_next().is_some() {}
+                set.spawn(async move {
                     match behavior {
                         Behavior::Name => {
                             let _ = sock.write_all(format!("{name}\n").as_bytes()).await;
@@ -406,10 +493,39 @@ impl Backend {
                             let _ = tokio::io::copy(&mut r, &mut w).await;
                             let _ = w.shutdown().await;
                         }
+                        Behavior::Stream => {
+                            if sock
+                                .write_all(format!("{name}\n").as_bytes())
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            let chunk = [b'x'; 1024];
+                            while sock.write_all(&chunk).await.is_ok() {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        }
+                        Behavior::Silent => {
+                            let mut sink = [0u8; 4096];
+                            while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+                        }
                     }
                 });
             }
         }));
+    }
+
+    /// Kill it: stop accepting and drop every open connection (as a crashed
+    /// process would), then wait until the port refuses connections.
+    pub async fn kill(&mut self) {
+        self.stop();
+        self.conns.lock().unwrap().abort_all();
+        let addr = self.addr;
+        wait_until("backend port closed", || async move {
+            TcpStream::connect(addr).await.is_err()
+        })
+        .await;
     }
 
     /// Stop accepting; the port closes once the accept task has ended (see
@@ -485,10 +601,15 @@ pub struct Blackhole {
 impl Blackhole {
     /// Create one on 127.0.0.1.
     pub fn new() -> Blackhole {
+        Blackhole::at("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Create one on `addr`.
+    pub fn at(addr: SocketAddr) -> Blackhole {
         use socket2::{Domain, Socket, Type};
         let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
+        l.set_reuse_address(true).unwrap();
+        l.bind(&addr.into()).unwrap();
         l.listen(0).unwrap();
         let addr = l.local_addr().unwrap().as_socket().unwrap();
         // Fill the accept queue; further handshakes are dropped by the kernel.

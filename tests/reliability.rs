@@ -1,0 +1,496 @@
+//! Faults provoked for real: backends killed under load and mid-transfer,
+//! sessions closed by policy, file descriptors exhausted, silent and
+//! unreachable backends, garbage bytes.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn backends(list: &[SocketAddr]) -> String {
+    let l: Vec<String> = list.iter().map(|a| format!("'{a}'")).collect();
+    format!("backends: [{}]", l.join(", "))
+}
+
+/// A small deterministic generator, so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+/// What a load generator saw.
+#[derive(Debug, Default)]
+struct Load {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// `workers` clients connecting one after another through `to`, each
+/// expecting a backend's name, until stopped or `max` connections were made.
+fn start_load(
+    to: SocketAddr,
+    workers: usize,
+    max: usize,
+) -> (Arc<Load>, Vec<tokio::task::JoinHandle<Vec<String>>>) {
+    let load = Arc::new(Load::default());
+    let tasks = (0..workers)
+        .map(|_| {
+            let load = Arc::clone(&load);
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                while !load.stop.load(Ordering::Relaxed)
+                    && load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed) < max
+                {
+                    let attempt = async {
+                        let mut s = TcpStream::connect(to).await?;
+                        let mut out = String::new();
+                        s.read_to_string(&mut out).await?;
+                        Ok::<_, std::io::Error>(out)
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                        Ok(Ok(name)) if !name.is_empty() => {
+                            load.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            load.failed.fetch_add(1, Ordering::Relaxed);
+                            if errors.len() < 10 {
+                                errors.push(format!("{other:?}"));
+                            }
+                        }
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    (load, tasks)
+}
+
+async fn finish_load(load: &Load, tasks: Vec<tokio::task::JoinHandle<Vec<String>>>) -> Vec<String> {
+    load.stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    errors
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_loses_no_client() {
+    let mut pool = [
+        Backend::start("a", Behavior::Name).await,
+        Backend::start("b", Behavior::Name).await,
+        Backend::start("c", Behavior::Name).await,
+    ];
+    let port = reserve_port();
+    let addrs: Vec<SocketAddr> = pool.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "connect_attempts: 4\nhealth_check: {{ interval: 200ms, timeout: 100ms, rise: 2, fall: 2 }}\n{}",
+            backends(&addrs)
+        ),
+    ))
+    .await;
+
+    let (load, workers) = start_load(addr(port), 6, 200_000);
+    let seed = u64::from(std::process::id()) | 1;
+    let mut rng = Rng(seed);
+    // When each backend last came up; sluice trusts it after rise x interval.
+    let mut up_since: [Option<Instant>; 3] = [Some(Instant::now()); 3];
+    let trusted =
+        |since: &Option<Instant>| since.is_some_and(|t| t.elapsed() > Duration::from_secs(1));
+    let (mut kills, mut restarts) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200 + rng.next(600))).await;
+        let i = rng.next(3) as usize;
+        // Keep at least one other backend up, and up long enough to be trusted.
+        let others_trusted = (0..3).filter(|&j| j != i).any(|j| trusted(&up_since[j]));
+        if up_since[i].is_some() && others_trusted {
+            pool[i].kill().await;
+            up_since[i] = None;
+            kills += 1;
+        } else if up_since[i].is_none() {
+            pool[i].restart().await;
+            up_since[i] = Some(Instant::now());
+            restarts += 1;
+        }
+    }
+    let errors = finish_load(&load, workers).await;
+    let (ok, failed) = (
+        load.ok.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+    );
+    println!(
+        "failover under load (seed {seed}): {ok} connections served, {failed} failed, {kills} kills, {restarts} restarts in 30 s"
+    );
+    assert!(kills >= 10, "the chaos did happen");
+    assert_eq!(
+        failed, 0,
+        "client failures while a backend was up: {errors:?}"
+    );
+    assert!(ok > 1000, "load was applied: {ok}");
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "no_backend")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_mid_transfer_ends_the_client_connection() {
+    let mut streamer = Backend::start("streamer", Behavior::Stream).await;
+    let port = reserve_port();
+    let _sluice = Sluice::start(&front_to_app(port, "", &backends(&[streamer.addr]))).await;
+    let mut c = TcpStream::connect(addr(port)).await.unwrap();
+    let mut buf = vec![0u8; 8192];
+    let mut got = 0;
+    while got < 10_000 {
+        got += c.read(&mut buf).await.unwrap();
+    }
+    streamer.kill().await;
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client connection must end, not hang");
+}
+
+/// Hold `n` idle connections through `to` that reached the backend.
+async fn hold(to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut c = TcpStream::connect(to).await.unwrap();
+        let mut first = [0u8; 1];
+        c.read_exact(&mut first).await.unwrap();
+        held.push(c);
+    }
+    held
+}
+
+async fn wait_closed(conns: Vec<TcpStream>) -> Duration {
+    let started = Instant::now();
+    for mut c in conns {
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("connection closed by sluice");
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_backend_down_close_ends_sessions_within_fall_times_interval() {
+    let mut hung = Backend::start("hung", Behavior::Stream).await;
+    let port = reserve_port();
+    let _sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "on_backend_down: close\nhealth_check: {{ interval: 200ms, timeout: 100ms, fall: 2 }}\n{}",
+            backends(&[hung.addr])
+        ),
+    ))
+    .await;
+    let held = hold(addr(port), 5).await;
+    // The backend stops accepting (its checks fail) but keeps its sessions
+    // open, like a hung server: sluice must close them itself.
+    hung.stop_and_wait().await;
+    let took = wait_closed(held).await;
+    println!(
+        "on_backend_down: close: 5 sessions closed {took:?} after the backend stopped (fall 2 x interval 200ms)"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "within fall x interval plus slack: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_backend_down_keep_leaves_sessions_alone() {
+    let mut hung = Backend::start("hung", Behavior::Stream).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "health_check: {{ interval: 200ms, timeout: 100ms, fall: 2 }}\n{}",
+            backends(&[hung.addr])
+        ),
+    ))
+    .await;
+    let mut held = hold(addr(port), 2).await;
+    hung.stop_and_wait().await;
+    wait_until("marked down", || async {
+        sluice.backend_state("app", hung.addr).await == "down"
+    })
+    .await;
+    let mut buf = [0u8; 1024];
+    for c in &mut held {
+        assert!(
+            c.read(&mut buf).await.unwrap() > 0,
+            "the session still streams"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failback_close_moves_sessions_back_to_the_primary() {
+    let mut first = Backend::start("first", Behavior::Stream).await;
+    let second = Backend::start("second", Behavior::Stream).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "mode: active_passive\non_failback: close\nhealth_check: {{ interval: 100ms, timeout: 100ms, rise: 2, fall: 1 }}\n{}",
+            backends(&[first.addr, second.addr])
+        ),
+    ))
+    .await;
+    first.stop_and_wait().await;
+    sluice.wait_active("app", &[second.addr]).await;
+    let on_standby = hold(addr(port), 3).await;
+    first.restart().await;
+    sluice.wait_active("app", &[first.addr]).await;
+    wait_closed(on_standby).await;
+    assert_eq!(read_first_line(addr(port)).await, "first");
+}
+
+async fn read_first_line(to: SocketAddr) -> String {
+    let mut c = TcpStream::connect(to).await.unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while c.read_exact(&mut b).await.is_ok() && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_refuses_logs_briefly_and_recovers() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let yaml = front_to_app(
+        port,
+        "",
+        &format!(
+            "health_check: {{ interval: 200ms, timeout: 100ms }}\n{}",
+            backends(&[echo.addr])
+        ),
+    );
+    // How many descriptors sluice needs when idle, then room for a few connections.
+    let baseline = {
+        let probe =
+            Sluice::start(&yaml.replace(&port.to_string(), &reserve_port().to_string())).await;
+        probe.open_fds()
+    };
+    let limit = baseline as u32 + 10;
+    let sluice = Sluice::spawn_with_fd_limit(&yaml, limit);
+    sluice.wait_ready().await;
+
+    let started = Instant::now();
+    let (mut served, mut refused) = (Vec::new(), 0);
+    for i in 0..40u32 {
+        let Ok(mut c) = TcpStream::connect(addr(port)).await else {
+            refused += 1;
+            continue;
+        };
+        let msg = i.to_be_bytes();
+        let echoed = async {
+            c.write_all(&msg).await?;
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(back)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), echoed).await {
+            Ok(Ok(back)) if back == msg => served.push(c),
+            _ => refused += 1,
+        }
+    }
+    assert!(
+        !served.is_empty(),
+        "some clients were served under the limit"
+    );
+    assert!(refused > 0, "the rest were refused, not left hanging");
+    assert!(sluice.try_wait().is_none(), "sluice keeps running");
+    sluice.wait_log("out of file descriptors").await;
+
+    // Descriptors free up: service resumes.
+    drop(served);
+    wait_until("new clients served again", || async {
+        let Ok(mut c) = TcpStream::connect(addr(port)).await else {
+            return false;
+        };
+        if c.write_all(b"back").await.is_err() {
+            return false;
+        }
+        let mut b = [0u8; 4];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), c.read_exact(&mut b)).await,
+            Ok(Ok(_))
+        ) && &b == b"back"
+    })
+    .await;
+    let m = sluice.metrics().await;
+    assert!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "fd_limit")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sluice.backend_state("app", echo.addr).await,
+        "up",
+        "running out of fds is not the backend's fault"
+    );
+    let lines = sluice.log().matches("out of file descriptors").count();
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    println!(
+        "fd exhaustion (limit {limit}): {refused} of 40 refused, {lines} log lines in {seconds} s"
+    );
+    assert!(
+        lines <= 2 * seconds + 2,
+        "logged without flooding: {lines} lines in {seconds} s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_backend_is_cut_by_the_idle_timeout() {
+    let silent = Backend::start("silent", Behavior::Silent).await;
+    let port = reserve_port();
+    let _sluice = Sluice::start(&front_to_app(
+        port,
+        ", idle_timeout: 500ms",
+        &backends(&[silent.addr]),
+    ))
+    .await;
+    let mut c = TcpStream::connect(addr(port)).await.unwrap();
+    c.write_all(b"anyone there?").await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(DEADLINE, c.read(&mut buf))
+        .await
+        .expect("closed by the idle timeout");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "not before the timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_backend_costs_at_most_connect_timeout() {
+    let mut doomed = Backend::start("doomed", Behavior::Name).await;
+    let good = Backend::start("good", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "connect_timeout: 300ms\nhealth_check: {{ interval: 1m, timeout: 1s, fall: 2 }}\n{}",
+            backends(&[doomed.addr, good.addr])
+        ),
+    ))
+    .await;
+    // Checked up at start, then it stops completing handshakes.
+    doomed.stop_and_wait().await;
+    let hole = Blackhole::at(doomed.addr);
+    assert!(hole.holds(Duration::from_millis(200)));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..6 {
+        let started = Instant::now();
+        assert_eq!(read_all(addr(port)).await, "good\n");
+        slowest = slowest.max(started.elapsed());
+    }
+    println!("unreachable backend: slowest client waited {slowest:?} (connect_timeout 300ms)");
+    assert!(
+        slowest < Duration::from_millis(1300),
+        "one connect timeout, then the next candidate: {slowest:?}"
+    );
+    // Two timeouts (fall) marked it down: later clients do not wait at all.
+    assert_eq!(sluice.backend_state("app", doomed.addr).await, "down");
+    let m = sluice.metrics().await;
+    let timeouts = m.value(
+        "sluice_backend_connect_errors_total",
+        &[
+            ("pool", "app"),
+            ("backend", &doomed.addr.to_string()),
+            ("kind", "timeout"),
+        ],
+    );
+    assert_eq!(timeouts, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bytes_pass_through_and_crash_nothing() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&front_to_app(port, "", &backends(&[echo.addr]))).await;
+    let mut rng = Rng(0x5eed);
+    for round in 0..20 {
+        let len = 1 + rng.next(200_000) as usize;
+        let data: Vec<u8> = (0..len).map(|_| rng.next(256) as u8).collect();
+        let c = TcpStream::connect(addr(port)).await.unwrap();
+        let (mut r, mut w) = c.into_split();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(back, data, "round {round}");
+    }
+    // Clients that vanish mid-write (reset) leave sluice serving.
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(addr(port)).await.unwrap();
+        c.write_all(&[0xff; 70_000]).await.unwrap();
+        // Linger 0: close sends a reset.
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+    }
+    let (status, _) = http_get(sluice.admin, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(sluice.try_wait().is_none());
+}
