@@ -302,12 +302,19 @@ impl Metrics {
                 "Times traffic moved off a failed backend (or off the primary tier).",
                 &["pool"],
             ),
-            config_reloads: counter(
-                &r,
-                "sluice_config_reloads_total",
-                "Configuration reloads, by result.",
-                &["result"],
-            ),
+            config_reloads: {
+                let c = counter(
+                    &r,
+                    "sluice_config_reloads_total",
+                    "Configuration reloads, by result.",
+                    &["result"],
+                );
+                // Both results exist from the start, so rate() and alerts see 0.
+                for result in ["success", "failure"] {
+                    c.with_label_values(&[result]);
+                }
+                c
+            },
             config_last_reload_success: {
                 let g = prometheus::Gauge::new(
                     "sluice_config_last_reload_success_timestamp_seconds",

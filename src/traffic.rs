@@ -443,6 +443,7 @@ impl ServiceWithDependents for TrafficService {
         // On an upgrade the new process has its copies by now; ours must go,
         // or the ports would keep accepting into a backlog nobody reads.
         traffic.release(|_| true);
+        info!("listeners closed; no new connections accepted");
     }
 
     fn name(&self) -> &str {

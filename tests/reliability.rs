@@ -37,64 +37,6 @@ impl Rng {
     }
 }
 
-/// What a load generator saw.
-#[derive(Debug, Default)]
-struct Load {
-    ok: AtomicUsize,
-    failed: AtomicUsize,
-    stop: AtomicBool,
-}
-
-/// `workers` clients connecting one after another through `to`, each
-/// expecting a backend's name, until stopped or `max` connections were made.
-fn start_load(
-    to: SocketAddr,
-    workers: usize,
-    max: usize,
-) -> (Arc<Load>, Vec<tokio::task::JoinHandle<Vec<String>>>) {
-    let load = Arc::new(Load::default());
-    let tasks = (0..workers)
-        .map(|_| {
-            let load = Arc::clone(&load);
-            tokio::spawn(async move {
-                let mut errors = Vec::new();
-                while !load.stop.load(Ordering::Relaxed)
-                    && load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed) < max
-                {
-                    let attempt = async {
-                        let mut s = TcpStream::connect(to).await?;
-                        let mut out = String::new();
-                        s.read_to_string(&mut out).await?;
-                        Ok::<_, std::io::Error>(out)
-                    };
-                    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                        Ok(Ok(name)) if !name.is_empty() => {
-                            load.ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => {
-                            load.failed.fetch_add(1, Ordering::Relaxed);
-                            if errors.len() < 10 {
-                                errors.push(format!("{other:?}"));
-                            }
-                        }
-                    }
-                }
-                errors
-            })
-        })
-        .collect();
-    (load, tasks)
-}
-
-async fn finish_load(load: &Load, tasks: Vec<tokio::task::JoinHandle<Vec<String>>>) -> Vec<String> {
-    load.stop.store(true, Ordering::Relaxed);
-    let mut errors = Vec::new();
-    for t in tasks {
-        errors.extend(t.await.unwrap());
-    }
-    errors
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_under_load_loses_no_client() {
     let mut pool = [
@@ -114,7 +56,7 @@ async fn failover_under_load_loses_no_client() {
     ))
     .await;
 
-    let (load, workers) = start_load(addr(port), 6, 200_000);
+    let load = Load::start(addr(port), 6, 200_000, Exchange::Name);
     let seed = u64::from(std::process::id()) | 1;
     let mut rng = Rng(seed);
     // When each backend last came up; sluice trusts it after rise x interval.
@@ -138,11 +80,7 @@ async fn failover_under_load_loses_no_client() {
             restarts += 1;
         }
     }
-    let errors = finish_load(&load, workers).await;
-    let (ok, failed) = (
-        load.ok.load(Ordering::Relaxed),
-        load.failed.load(Ordering::Relaxed),
-    );
+    let (ok, failed, errors) = load.finish().await;
     println!(
         "failover under load (seed {seed}): {ok} connections served, {failed} failed, {kills} kills, {restarts} restarts in 30 s"
     );

@@ -631,3 +631,98 @@ impl Blackhole {
         std::net::TcpStream::connect_timeout(&self.addr, wait).is_err()
     }
 }
+
+/// What each connection of a [`Load`] exchanges with the backend.
+#[derive(Debug, Clone, Copy)]
+pub enum Exchange {
+    /// Read until the backend closes; expect its name ([`Behavior::Name`]).
+    Name,
+    /// Send a payload, half-close, expect it back ([`Behavior::Echo`]).
+    Echo,
+}
+
+/// A bounded load generator: `workers` clients connecting one after another
+/// until stopped or `max` connections were made; each connection that does
+/// not complete its exchange within 5 s counts as failed.
+pub struct Load {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    stop: std::sync::atomic::AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<Vec<String>>>>,
+}
+
+impl Load {
+    /// Start the clients against `to`.
+    pub fn start(to: SocketAddr, workers: usize, max: usize, exchange: Exchange) -> Arc<Load> {
+        let load = Arc::new(Load {
+            ok: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let tasks = (0..workers)
+            .map(|worker| {
+                let load = Arc::clone(&load);
+                tokio::spawn(async move {
+                    let mut errors = Vec::new();
+                    let mut n = 0u64;
+                    while !load.stop.load(Ordering::Relaxed) && load.ok() + load.failed() < max {
+                        n += 1;
+                        let payload = format!("worker {worker} connection {n}\n").repeat(8);
+                        let attempt = async {
+                            let mut s = TcpStream::connect(to).await?;
+                            let mut got = Vec::new();
+                            match exchange {
+                                Exchange::Name => {
+                                    s.read_to_end(&mut got).await?;
+                                    Ok::<_, std::io::Error>(!got.is_empty())
+                                }
+                                Exchange::Echo => {
+                                    s.write_all(payload.as_bytes()).await?;
+                                    s.shutdown().await?;
+                                    s.read_to_end(&mut got).await?;
+                                    Ok(got == payload.as_bytes())
+                                }
+                            }
+                        };
+                        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                            Ok(Ok(true)) => {
+                                load.ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => {
+                                load.failed.fetch_add(1, Ordering::Relaxed);
+                                if errors.len() < 10 {
+                                    errors.push(format!("{other:?}"));
+                                }
+                            }
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        *load.tasks.lock().unwrap() = tasks;
+        load
+    }
+
+    /// Connections completed so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Connections failed so far.
+    pub fn failed(&self) -> usize {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Stop the clients; the totals and the first errors.
+    pub async fn finish(&self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        let mut errors = Vec::new();
+        for t in tasks {
+            errors.extend(t.await.unwrap());
+        }
+        (self.ok(), self.failed(), errors)
+    }
+}

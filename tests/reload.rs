@@ -1,0 +1,394 @@
+//! Hot reload: SIGHUP and `POST /api/v1/reload` under load, with
+//! connections held open across every reload, and invalid files that must
+//! change nothing.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One configuration of the reload sequence.
+struct Shape<'a> {
+    backends: &'a [(SocketAddr, u32)],
+    interval_ms: u64,
+    extra: Option<u16>,
+}
+
+fn config(port: u16, shape: &Shape<'_>) -> String {
+    let mut listeners = format!("  front: {{ bind: 127.0.0.1:{port}, pool: app }}\n");
+    if let Some(extra) = shape.extra {
+        listeners += &format!("  extra: {{ bind: 127.0.0.1:{extra}, pool: app }}\n");
+    }
+    let backends: String = shape
+        .backends
+        .iter()
+        .map(|(a, w)| format!("      - {{ address: '{a}', weight: {w} }}\n"))
+        .collect();
+    format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n{listeners}\
+         pools:\n  app:\n    algorithm: round_robin\n    \
+         health_check: {{ interval: {}ms, timeout: 100ms, rise: 1, fall: 2 }}\n    \
+         backends:\n{backends}",
+        shape.interval_ms
+    )
+}
+
+/// One echo round trip of `len` bytes patterned by `seed`; the bytes that
+/// came back must be the bytes sent.
+async fn round_trip(c: &mut TcpStream, seed: usize, len: usize) {
+    let sent: Vec<u8> = (0..len).map(|i| (i * 31 + seed * 7) as u8).collect();
+    c.write_all(&sent).await.unwrap();
+    let mut back = vec![0u8; len];
+    tokio::time::timeout(DEADLINE, c.read_exact(&mut back))
+        .await
+        .expect("echo within the deadline")
+        .expect("the held connection still works");
+    assert_eq!(back, sent, "bytes of round {seed}");
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_under_load_drop_nothing() {
+    let a = Backend::start("a", Behavior::Echo).await;
+    let b = Backend::start("b", Behavior::Echo).await;
+    let c = Backend::start("c", Behavior::Echo).await;
+    let (port, extra) = (reserve_port(), reserve_port());
+    // Backends added, removed and re-weighted; health settings changed; a
+    // listener added and removed.
+    let shapes = [
+        Shape {
+            backends: &[(a.addr, 1), (b.addr, 1)],
+            interval_ms: 200,
+            extra: None,
+        },
+        Shape {
+            backends: &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+            interval_ms: 200,
+            extra: Some(extra),
+        },
+        Shape {
+            backends: &[(a.addr, 3), (b.addr, 1), (c.addr, 2)],
+            interval_ms: 300,
+            extra: Some(extra),
+        },
+        Shape {
+            backends: &[(b.addr, 1), (c.addr, 1)],
+            interval_ms: 300,
+            extra: None,
+        },
+        Shape {
+            backends: &[(a.addr, 2), (c.addr, 1)],
+            interval_ms: 200,
+            extra: None,
+        },
+    ];
+    let sluice = Sluice::start(&config(port, &shapes[0])).await;
+    let started = now();
+
+    // Held connections, spread over a and b by round robin.
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let mut conn = TcpStream::connect(addr(port)).await.unwrap();
+        round_trip(&mut conn, i, 1000).await;
+        held.push(conn);
+    }
+    let load = Load::start(addr(port), 4, 100_000, Exchange::Echo);
+
+    let mut previous = &shapes[0];
+    for round in 1..=20 {
+        let shape = &shapes[round % shapes.len()];
+        // Everything checked in before the reload, so "kept its state" means up.
+        for (backend, _) in previous.backends {
+            wait_until("backend up before the reload", || async {
+                sluice.backend_state("app", *backend).await == "up"
+            })
+            .await;
+        }
+        sluice.rewrite_config(&config(port, shape));
+        if round % 2 == 0 {
+            let (status, body) = sluice.reload().await;
+            assert_eq!(status, 200, "reload {round}: {body}");
+            assert_eq!(body["result"], "success");
+        } else {
+            sluice.signal(Signal::SIGHUP);
+            wait_until(&format!("SIGHUP reload {round} counted"), || async {
+                sluice
+                    .metrics()
+                    .await
+                    .value("sluice_config_reloads_total", &[("result", "success")])
+                    == round as f64
+            })
+            .await;
+        }
+        // Backends kept from the previous configuration keep their state.
+        for (kept, _) in shape
+            .backends
+            .iter()
+            .filter(|(a, _)| previous.backends.iter().any(|(p, _)| p == a))
+        {
+            assert_eq!(
+                sluice.backend_state("app", *kept).await,
+                "up",
+                "reload {round}: {kept} kept its health"
+            );
+        }
+        // Every held connection still carries the right bytes, including
+        // those to a backend the pool no longer lists.
+        for (i, conn) in held.iter_mut().enumerate() {
+            round_trip(conn, round * 100 + i, 4096).await;
+        }
+        match (previous.extra, shape.extra) {
+            (_, Some(p)) => {
+                let mut conn = TcpStream::connect(addr(p)).await.unwrap();
+                round_trip(&mut conn, round, 512).await;
+            }
+            (Some(p), None) => {
+                wait_until("removed listener closed", || async move {
+                    TcpStream::connect(addr(p)).await.is_err()
+                })
+                .await;
+            }
+            (None, None) => {}
+        }
+        previous = shape;
+    }
+    let (ok, failed, errors) = load.finish().await;
+    for (i, mut conn) in held.into_iter().enumerate() {
+        round_trip(&mut conn, 9000 + i, 100).await;
+        conn.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "held connection {i} ends cleanly");
+    }
+    println!(
+        "20 reloads under load: {ok} connections served, {failed} failed, 12 held connections intact"
+    );
+    assert_eq!(failed, 0, "client failures across reloads: {errors:?}");
+    assert!(ok > 100, "load was applied: {ok}");
+
+    // The pool now has the last shape's backends and weights.
+    let pools = sluice.pools().await;
+    let listed: Vec<(String, u64)> = pools["pools"]["app"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = previous
+        .backends
+        .iter()
+        .map(|(a, w)| (a.to_string(), u64::from(*w)))
+        .collect();
+    assert_eq!(listed, want);
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "success")]),
+        20.0
+    );
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "failure")]),
+        0.0
+    );
+    assert!(m.value("sluice_config_last_reload_success_timestamp_seconds", &[]) >= started);
+    // Series of a removed listener are gone; no client was refused.
+    assert!(
+        m.get(
+            "sluice_listener_connections_total",
+            &[("listener", "extra")]
+        )
+        .is_none()
+    );
+    assert_eq!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "no_backend")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_changes_nothing() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let port = reserve_port();
+    let good = front_to_app(port, "", &format!("backends: ['{}']", a.addr));
+    let sluice = Sluice::start(&good).await;
+
+    // Two problems at once: both are reported, with their paths.
+    sluice.rewrite_config(&good.replace("pool: app", "pool: nope").replace(
+        &format!("backends: ['{}']", a.addr),
+        &format!("backends: [{{ address: '{}', weight: 0 }}]", a.addr),
+    ));
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["result"], "failure");
+    let problems: Vec<&str> = body["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        problems.iter().any(|p| p.contains("listeners.front.pool")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("pools.app.backends[0].weight")),
+        "{problems:?}"
+    );
+
+    // The same file by SIGHUP: logged, counted, not applied.
+    sluice.signal(Signal::SIGHUP);
+    wait_until("second failure counted", || async {
+        sluice
+            .metrics()
+            .await
+            .value("sluice_config_reloads_total", &[("result", "failure")])
+            == 2.0
+    })
+    .await;
+    sluice
+        .wait_log("the running configuration stays in force")
+        .await;
+    sluice.wait_log("pools.app.backends[0].weight").await;
+
+    // A new listener on a port something else holds: the whole reload is refused.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap();
+    sluice.rewrite_config(&good.replace(
+        "listeners: {",
+        &format!("listeners: {{ taken: {{ bind: '{taken}', pool: app }}, "),
+    ));
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains(&taken.to_string()),
+        "{body}"
+    );
+
+    // A file that is gone.
+    std::fs::remove_file(&sluice.config_path).unwrap();
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 422, "{body}");
+
+    // Through all of it the old configuration kept serving.
+    assert_eq!(read_all(addr(port)).await, "a\n");
+    assert_eq!(
+        sluice.active_backends("app").await,
+        vec![a.addr.to_string()]
+    );
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "failure")]),
+        4.0
+    );
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "success")]),
+        0.0
+    );
+
+    // And a good file is taken again.
+    sluice.rewrite_config(&good);
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_need_a_restart_are_reported_not_applied() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let port = reserve_port();
+    let good = front_to_app(port, "", &format!("backends: ['{}']", a.addr));
+    let sluice = Sluice::start(&good).await;
+    sluice.rewrite_config(&format!("server: {{ grace_period: 3s }}\n{good}"));
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["summary"]
+            .as_str()
+            .unwrap()
+            .contains("not applied until a restart: server"),
+        "{body}"
+    );
+    sluice.wait_log("need a restart").await;
+    assert_eq!(read_all(addr(port)).await, "a\n");
+}
+
+/// A removed backend's open connection runs to its end; new connections no
+/// longer reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_gets_no_new_connections() {
+    let a = Backend::start("a", Behavior::Echo).await;
+    let b = Backend::start("b", Behavior::Echo).await;
+    let port = reserve_port();
+    let both = Shape {
+        backends: &[(a.addr, 1), (b.addr, 1)],
+        interval_ms: 200,
+        extra: None,
+    };
+    let only_b = Shape {
+        backends: &[(b.addr, 1)],
+        interval_ms: 200,
+        extra: None,
+    };
+    let sluice = Sluice::start(&config(port, &both)).await;
+    let mut first = TcpStream::connect(addr(port)).await.unwrap();
+    round_trip(&mut first, 1, 100).await;
+    sluice.rewrite_config(&config(port, &only_b));
+    assert_eq!(sluice.reload().await.0, 200);
+    let b_label = b.addr.to_string();
+    let to_b = |m: &Scrape| {
+        m.value(
+            "sluice_backend_connections_total",
+            &[("pool", "app"), ("backend", &b_label)],
+        )
+    };
+    let before = to_b(&sluice.metrics().await);
+    for i in 0..10 {
+        let mut c = TcpStream::connect(addr(port)).await.unwrap();
+        round_trip(&mut c, i, 100).await;
+    }
+    round_trip(&mut first, 2, 100).await;
+    let m = sluice.metrics().await;
+    assert_eq!(to_b(&m), before + 10.0, "every new connection went to b");
+    let a_label = a.addr.to_string();
+    assert!(
+        m.get(
+            "sluice_backend_up",
+            &[("pool", "app"), ("backend", &a_label)]
+        )
+        .is_none()
+    );
+    assert_eq!(
+        sluice.active_backends("app").await,
+        vec![b.addr.to_string()]
+    );
+}

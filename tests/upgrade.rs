@@ -1,0 +1,101 @@
+//! Zero-downtime upgrade: `sluice -u` takes the listening sockets over from
+//! the running process on SIGQUIT while clients keep connecting.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+async fn echo(c: &mut TcpStream, text: &str) {
+    c.write_all(text.as_bytes()).await.unwrap();
+    let mut back = vec![0u8; text.len()];
+    tokio::time::timeout(DEADLINE, c.read_exact(&mut back))
+        .await
+        .expect("echo within the deadline")
+        .expect("the held connection still works");
+    assert_eq!(back, text.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_load_refuses_and_resets_nothing() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let b = Backend::start("b", Behavior::Name).await;
+    let e = Backend::start("e", Behavior::Echo).await;
+    let (front, held_port) = (reserve_port(), reserve_port());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let yaml = format!(
+        "server: {{ upgrade_sock: '{}', shutdown_timeout: 30s }}\n\
+         admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n  \
+           front: {{ bind: 127.0.0.1:{front}, pool: app }}\n  \
+           held: {{ bind: 127.0.0.1:{held_port}, pool: echo }}\n\
+         pools:\n  \
+           app: {{ backends: ['{}', '{}'] }}\n  \
+           echo: {{ backends: ['{}'] }}\n",
+        sock.display(),
+        a.addr,
+        b.addr,
+        e.addr
+    );
+    let old = Sluice::start(&yaml).await;
+    let mut held = TcpStream::connect(addr(held_port)).await.unwrap();
+    echo(&mut held, "before the upgrade\n").await;
+
+    let load = Load::start(addr(front), 4, 1_000_000, Exchange::Name);
+    wait_until("load flowing", || async { load.ok() > 200 }).await;
+
+    let new = old.spawn_next(&["-u"]);
+    wait_until("the new process waits on the upgrade socket", || async {
+        sock.exists()
+    })
+    .await;
+    old.signal(Signal::SIGQUIT);
+    old.wait_log("handing listeners to the new process").await;
+    // The new process serves on the inherited sockets...
+    new.wait_log("listener front:").await;
+    let handed_over = load.ok();
+    // ... and keeps serving after the old one stopped accepting.
+    old.wait_log("listeners closed").await;
+    wait_until("load flowing through the new process", || async {
+        load.ok() > handed_over + 2000
+    })
+    .await;
+
+    // The old process still carries its open connection, and exits once it ends.
+    echo(&mut held, "during the drain\n").await;
+    assert!(
+        old.try_wait().is_none(),
+        "the old process waits for its connection"
+    );
+    held.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).await.unwrap();
+    let status = old.wait_exit(DEADLINE).await;
+    assert!(status.success(), "old process exit: {status:?}");
+
+    wait_until("load after the old process exited", || async {
+        load.ok() > handed_over + 4000
+    })
+    .await;
+    let (ok, failed, errors) = load.finish().await;
+    println!("upgrade under load: {ok} connections served, {failed} refused or reset");
+    assert_eq!(failed, 0, "connections lost in the handover: {errors:?}");
+
+    // The new process is whole: ready, serving both listeners, admin included.
+    new.wait_ready().await;
+    let mut again = TcpStream::connect(addr(held_port)).await.unwrap();
+    echo(&mut again, "after the upgrade\n").await;
+    assert!(new.try_wait().is_none());
+}
