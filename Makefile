@@ -8,12 +8,13 @@ DEB_PACKAGES := cmake prometheus
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
-.PHONY: help deps bench-deps build release run test bench lint check-config docker-build docker-up docker-down clean
+.PHONY: help deps bench-deps build release run test bench soak lint check-config docker-build docker-up docker-down clean
 
 help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
 	@echo "make test     lint and run every test (unit + integration over real sockets)"
 	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~12 min)"
+	@echo "make soak     minutes of load with churn, reloads and restarts; RSS and fds must stay flat (SOAK_SECS, default 300)"
 	@echo "make release  build target/release/sluice"
 	@echo "make deps     install the Debian packages the build and tests need"
 
@@ -47,6 +48,10 @@ test: deps lint
 
 bench: deps bench-deps release
 	python3 bench/bench.py
+
+# Not part of `make test`: it runs for SOAK_SECS seconds (default 300, at most 600).
+soak: deps
+	$(CARGO) test --locked --release --test soak -- --ignored --nocapture
 
 lint:
 	@if $(CARGO) fmt --version >/dev/null 2>&1; then $(CARGO) fmt --check; \
