@@ -4,7 +4,9 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
-DEB_PACKAGES := cmake prometheus
+# The database servers: the role-aware health checks are tested against real ones
+# (started by the tests on loopback ports, never as system services).
+DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
@@ -60,7 +62,7 @@ lint:
 	else echo "WARNING: clippy is not installed; skipping lints"; fi
 
 check-config: build
-	@for f in conf/*.yaml; do ./target/debug/sluice -t -c $$f >/dev/null && echo "ok  $$f" || exit 1; done
+	@for f in conf/*.yaml; do SLUICE_MYSQL_MONITOR_PASSWORD=x ./target/debug/sluice -t -c $$f >/dev/null && echo "ok  $$f" || exit 1; done
 
 docker-build:
 	docker build -f docker/Dockerfile -t sluice:latest .

@@ -125,6 +125,7 @@ fn pool_json(p: &Pool) -> Value {
                 "resolved": b.resolved().map(|a| a.to_string()),
                 "state": b.health().as_str(),
                 "up": b.health() == Health::Up,
+                "role": b.role().map_or("unknown", |r| r.as_str()),
                 "active": m.is_serving(),
                 "weight": m.weight,
                 "backup": m.backup,
@@ -136,9 +137,15 @@ fn pool_json(p: &Pool) -> Value {
         "mode": settings.mode.as_str(),
         "algorithm": settings.algorithm.as_str(),
         "on_backend_down": settings.on_backend_down.as_str(),
+        "health_check": settings.health_check.kind.name(),
+        "role": settings.role.as_str(),
+        "conflicts": p.conflicts(),
         "ready": p.is_ready(),
         "backends": backends,
     });
+    if settings.role == crate::config::RoleRequirement::Replica {
+        v["fallback_to_primary"] = json!(settings.fallback_to_primary);
+    }
     if settings.mode == crate::config::Mode::ActivePassive {
         v["failback"] = json!(settings.failback.as_str());
         v["on_failback"] = json!(settings.on_failback.as_str());

@@ -5,6 +5,7 @@
 //! and, where the parser knows it, its line and column. Nothing here binds or
 //! connects: `sluice -t` runs exactly this code.
 
+pub mod check;
 mod decode;
 mod locate;
 
@@ -16,6 +17,10 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+pub use check::{
+    CheckKind, Credentials, Expect, HttpCheck, Pattern, PostgresCheck, RoleRequirement, Secret,
+    Step,
+};
 use decode::{Decoder, join};
 pub use locate::Location;
 use locate::Locations;
@@ -154,13 +159,6 @@ impl SessionPolicy {
     }
 }
 
-/// The health-check protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckKind {
-    /// A TCP connect.
-    Tcp,
-}
-
 /// One entry of `pools`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolSettings {
@@ -182,6 +180,10 @@ pub struct PoolSettings {
     pub on_failback: SessionPolicy,
     /// Active health checking.
     pub health_check: HealthCheckSettings,
+    /// The role a backend must report to take traffic.
+    pub role: RoleRequirement,
+    /// `role: replica`: send reads to the primary while no replica is up.
+    pub fallback_to_primary: bool,
     /// Backends in priority order.
     pub backends: Vec<BackendSettings>,
 }
@@ -761,6 +763,8 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "on_backend_down",
             "on_failback",
             "health_check",
+            "role",
+            "fallback_to_primary",
             "backends",
         ],
     )?;
@@ -820,6 +824,43 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         Some(v) => decode_health_check(d, v, &f.path("health_check")),
         None => Some(HealthCheckSettings::default()),
     };
+    let role = f
+        .get("role")
+        .and_then(|v| {
+            d.choice(
+                v,
+                &f.path("role"),
+                &[
+                    ("any", RoleRequirement::Any),
+                    ("primary", RoleRequirement::Primary),
+                    ("replica", RoleRequirement::Replica),
+                ],
+            )
+        })
+        .unwrap_or_default();
+    let fallback_to_primary = f
+        .get("fallback_to_primary")
+        .and_then(|v| d.boolean(v, &f.path("fallback_to_primary")))
+        .unwrap_or(false);
+    if fallback_to_primary && role != RoleRequirement::Replica {
+        d.problem(
+            f.path("fallback_to_primary"),
+            "only applies to role: replica",
+        );
+    }
+    if let Some(hc) = &health_check {
+        if role != RoleRequirement::Any && !hc.kind.reports_role() {
+            d.problem(
+                f.path("role"),
+                format!(
+                    "`{}` needs a health check that reports roles: kind redis, mysql or postgres, \
+                     or http with primary_path (this pool's check is `{}`)",
+                    role.as_str(),
+                    hc.kind.name()
+                ),
+            );
+        }
+    }
     let backends = match f.get("backends") {
         None => {
             d.problem(
@@ -864,6 +905,8 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         on_backend_down,
         on_failback: on_failback_set.flatten().unwrap_or(SessionPolicy::Keep),
         health_check: health_check.unwrap_or_default(),
+        role,
+        fallback_to_primary,
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
     })
 }
@@ -983,17 +1026,11 @@ fn check_backend_roles(d: &mut Decoder, mode: Mode, path: &str, backends: &[Deco
 }
 
 fn decode_health_check(d: &mut Decoder, v: &Value, path: &str) -> Option<HealthCheckSettings> {
-    let f = d.mapping(
-        v,
-        path,
-        &["kind", "interval", "timeout", "rise", "fall", "passive"],
-    )?;
+    let f = d.mapping(v, path, &check::all_keys())?;
     let before = d.problems.len();
     let mut h = HealthCheckSettings::default();
-    if let Some(v) = f.get("kind") {
-        h.kind = d
-            .choice(v, &f.path("kind"), &[("tcp", CheckKind::Tcp)])
-            .unwrap_or(CheckKind::Tcp);
+    if let Some(kind) = check::decode_kind(d, &f) {
+        h.kind = kind;
     }
     if let Some(v) = f.get("interval") {
         h.interval = d

@@ -3,7 +3,9 @@
 //! Each pool runs rounds every `interval`. A round checks all current
 //! members in parallel; each check (name resolution included) is bounded by
 //! `timeout`, and its result goes to the pool as soon as it arrives (the pool
-//! applies rise/fall, see [`crate::pool::Tracker`]). Names are resolved on
+//! applies rise/fall, see [`crate::pool::Tracker`]). `tcp` checks use
+//! pingora's `TcpHealthCheck`; the other kinds speak their protocol
+//! ([`crate::check`]) and may report the backend's role. Names are resolved on
 //! every round, so a backend whose name does not resolve yet is simply down.
 //! A check that fails for lack of local resources (out of file descriptors)
 //! says nothing about the backend and is not counted.
@@ -32,6 +34,8 @@ use pingora_load_balancing::health_check::{HealthCheck, TcpHealthCheck};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use crate::check::{self, Role};
+use crate::config::CheckKind;
 use crate::listener::LogLimiter;
 use crate::pool::{Backend, Pool};
 
@@ -49,9 +53,14 @@ pub enum CheckError {
     /// The probe failed.
     #[error("{0}")]
     Probe(String),
-    /// No answer in time.
-    #[error("no answer within {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
+    /// No (complete) answer in time.
+    #[error("{kind} check: no answer within {}", humantime::format_duration(*.limit))]
+    Timeout {
+        /// The check kind.
+        kind: &'static str,
+        /// The check timeout.
+        limit: Duration,
+    },
     /// This process ran out of something (file descriptors): no verdict.
     #[error("local resources exhausted: {0}")]
     Local(String),
@@ -115,7 +124,10 @@ impl HealthChecks {
             let mut checks: FuturesUnordered<_> = generation
                 .members
                 .iter()
-                .map(|m| async move { (&m.backend, check(&m.backend, probe, hc.timeout).await) })
+                .map(|m| {
+                    let kind = &hc.kind;
+                    async move { (&m.backend, check(&m.backend, kind, probe, hc.timeout).await) }
+                })
                 .collect();
             while let Some((backend, result)) = checks.next().await {
                 match result {
@@ -181,28 +193,39 @@ impl BackgroundService for HealthService {
     }
 }
 
-/// Run one check of `b`, name resolution included, within `timeout`.
+/// Run one check of `b`, name resolution included, within `timeout`: the
+/// address it resolved to and the role it reported.
 async fn check(
     b: &Backend,
-    probe: &(dyn HealthCheck + Send + Sync),
+    kind: &CheckKind,
+    tcp: &(dyn HealthCheck + Send + Sync),
     timeout: Duration,
-) -> Result<SocketAddr, CheckError> {
+) -> Result<(SocketAddr, Option<Role>), CheckError> {
     let attempt = async {
         let addr = resolve(b).await?;
+        if *kind != CheckKind::Tcp {
+            return match check::probe(kind, addr, b.address.host()).await {
+                Ok(role) => Ok((addr, role)),
+                Err(e) if e.is_local() => Err(CheckError::Local(e.to_string())),
+                Err(e) => Err(CheckError::Probe(format!("{} check: {e}", kind.name()))),
+            };
+        }
         let target = LbBackend {
             addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
             weight: 1,
             ext: Default::default(),
         };
-        probe
-            .check(&target)
+        tcp.check(&target)
             .await
             .map_err(|e| classify(&e, timeout))?;
-        Ok(addr)
+        Ok((addr, None))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(CheckError::Timeout(timeout)),
+        Err(_) => Err(CheckError::Timeout {
+            kind: kind.name(),
+            limit: timeout,
+        }),
     }
 }
 
@@ -221,10 +244,13 @@ fn classify(e: &pingora::Error, timeout: Duration) -> CheckError {
     }
     match e.etype() {
         // The probe's own connect timeout equals ours; report both alike.
-        ConnectTimedout => CheckError::Timeout(timeout),
-        ConnectRefused => CheckError::Probe("connection refused".to_string()),
-        ConnectNoRoute => CheckError::Probe("no route to host".to_string()),
-        _ => CheckError::Probe(e.to_string()),
+        ConnectTimedout => CheckError::Timeout {
+            kind: "tcp",
+            limit: timeout,
+        },
+        ConnectRefused => CheckError::Probe("tcp check: connection refused".to_string()),
+        ConnectNoRoute => CheckError::Probe("tcp check: no route to host".to_string()),
+        _ => CheckError::Probe(format!("tcp check: {e}")),
     }
 }
 

@@ -12,6 +12,7 @@
 //! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting |
 //! | [`pool`] | backend state, serving set (active-active / active-passive), failover, picking |
 //! | [`health`] | background health checks with rise/fall and DNS re-resolution |
+//! | [`check`] | the check protocols: send/expect, HTTP, Redis, MySQL, PostgreSQL; backend roles |
 //! | [`metrics`] | every Prometheus metric |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/api/v1/pools` |
 //! | [`lifecycle`] | signals, draining on shutdown |
@@ -19,6 +20,7 @@
 //! | [`reload`] | applying a new configuration in place |
 
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod health;

@@ -85,6 +85,8 @@ pub struct Metrics {
     backend_state_changes: IntCounterVec,
     backend_bytes: IntCounterVec,
     pool_failovers: IntCounterVec,
+    pool_conflicts: IntGaugeVec,
+    backend_role: IntGaugeVec,
     config_reloads: IntCounterVec,
     config_last_reload_success: prometheus::Gauge,
 }
@@ -117,6 +119,8 @@ pub struct ListenerMetrics {
 pub struct PoolMetrics {
     /// Times traffic moved off a failed backend or tier.
     pub failovers: IntCounter,
+    /// Backends claiming `primary` that sluice refuses to route to.
+    pub conflicts: IntGauge,
 }
 
 /// Handles for one backend of one pool.
@@ -145,9 +149,21 @@ pub struct BackendMetrics {
     pub bytes_in: IntCounter,
     /// Bytes received from it.
     pub bytes_out: IntCounter,
+    /// `sluice_backend_role` for `primary`, `replica`, `unknown`.
+    role: [IntGauge; 3],
 }
 
+/// The `role` label values of `sluice_backend_role`, in [`BackendMetrics`] order.
+pub const ROLE_LABELS: [&str; 3] = ["primary", "replica", "unknown"];
+
 impl BackendMetrics {
+    /// Show `role` (an index into [`ROLE_LABELS`]) as the current one.
+    pub fn set_role(&self, role: usize) {
+        for (i, g) in self.role.iter().enumerate() {
+            g.set(i64::from(i == role));
+        }
+    }
+
     /// The counter for one kind of connect failure.
     pub fn connect_errors(&self, kind: ConnectErrorKind) -> &IntCounter {
         &self.connect_errors[kind as usize]
@@ -302,6 +318,18 @@ impl Metrics {
                 "Times traffic moved off a failed backend (or off the primary tier).",
                 &["pool"],
             ),
+            pool_conflicts: gauge(
+                &r,
+                "sluice_pool_conflicts",
+                "Backends claiming to be primary that sluice refuses to route to (split brain); 0 when at most one claims it.",
+                &["pool"],
+            ),
+            backend_role: gauge(
+                &r,
+                "sluice_backend_role",
+                "The role the backend reports (1 for the current one): primary, replica, or unknown (no role-aware check, or no answer yet).",
+                &["pool", "backend", "role"],
+            ),
             config_reloads: {
                 let c = counter(
                     &r,
@@ -372,6 +400,7 @@ impl Metrics {
     pub fn pool(&self, name: &str) -> PoolMetrics {
         PoolMetrics {
             failovers: self.pool_failovers.with_label_values(&[name]),
+            conflicts: self.pool_conflicts.with_label_values(&[name]),
         }
     }
 
@@ -409,6 +438,11 @@ impl Metrics {
             bytes_out: self
                 .backend_bytes
                 .with_label_values(&[pool, backend, "out"]),
+            role: ROLE_LABELS.map(|role| {
+                let g = self.backend_role.with_label_values(&[pool, backend, role]);
+                g.set(i64::from(role == "unknown"));
+                g
+            }),
         }
     }
 
@@ -435,6 +469,7 @@ impl Metrics {
     /// Drop the series of a pool that was removed (its backends separately).
     pub fn remove_pool(&self, name: &str) {
         let _ = self.pool_failovers.remove_label_values(&[name]);
+        let _ = self.pool_conflicts.remove_label_values(&[name]);
     }
 
     /// Drop the series of a backend that left its pool.
@@ -468,6 +503,11 @@ impl Metrics {
             let _ = self
                 .backend_bytes
                 .remove_label_values(&[pool, backend, direction]);
+        }
+        for role in ROLE_LABELS {
+            let _ = self
+                .backend_role
+                .remove_label_values(&[pool, backend, role]);
         }
     }
 

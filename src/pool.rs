@@ -31,7 +31,8 @@ use arc_swap::ArcSwap;
 use log::{error, info, warn};
 use tokio::sync::Notify;
 
-use crate::config::{Failback, HostPort, Mode, PoolSettings, SessionPolicy};
+use crate::check::Role;
+use crate::config::{Failback, HostPort, Mode, PoolSettings, RoleRequirement, SessionPolicy};
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics};
 use selection::Selector;
 
@@ -72,6 +73,9 @@ pub struct Tracker {
     state: Health,
     successes: u32,
     failures: u32,
+    /// The role in force, and a different one being confirmed with its streak.
+    role: Option<Role>,
+    candidate: Option<(Role, u32)>,
 }
 
 impl Default for Tracker {
@@ -80,6 +84,8 @@ impl Default for Tracker {
             state: Health::Unknown,
             successes: 0,
             failures: 0,
+            role: None,
+            candidate: None,
         }
     }
 }
@@ -113,14 +119,60 @@ impl Tracker {
     fn force(&mut self, state: Health) {
         *self = Tracker {
             state,
-            successes: 0,
-            failures: 0,
+            ..Tracker::default()
         };
+    }
+
+    /// Record the role a successful check reported; returns the role in
+    /// force when it changed. The first report decides. Giving up `primary`
+    /// takes effect at once (writes must stop); taking it on needs `rise`
+    /// reports in a row, so a flapping node cannot grab the writes.
+    pub fn observe_role(&mut self, reported: Option<Role>, rise: u32) -> Option<Option<Role>> {
+        let Some(reported) = reported else {
+            self.candidate = None;
+            return self.role.take().map(|_| None);
+        };
+        if self.role == Some(reported) {
+            self.candidate = None;
+            return None;
+        }
+        let streak = match self.candidate {
+            Some((r, n)) if r == reported => n.saturating_add(1),
+            _ => 1,
+        };
+        let at_once = self.role.is_none() || self.role == Some(Role::Primary);
+        if at_once || streak >= rise {
+            self.role = Some(reported);
+            self.candidate = None;
+            Some(self.role)
+        } else {
+            self.candidate = Some((reported, streak));
+            None
+        }
+    }
+
+    /// Forget the role (the backend went down: its next answer decides).
+    fn clear_role(&mut self) -> bool {
+        self.candidate = None;
+        self.role.take().is_some()
     }
 
     /// Consecutive results that agree with the last one.
     pub fn streak(&self) -> u32 {
         self.successes.max(self.failures)
+    }
+}
+
+// Role codes, also the index into `metrics::ROLE_LABELS`.
+const ROLE_PRIMARY: u8 = 0;
+const ROLE_REPLICA: u8 = 1;
+const ROLE_UNKNOWN: u8 = 2;
+
+fn role_code(role: Option<Role>) -> u8 {
+    match role {
+        Some(Role::Primary) => ROLE_PRIMARY,
+        Some(Role::Replica) => ROLE_REPLICA,
+        None => ROLE_UNKNOWN,
     }
 }
 
@@ -132,6 +184,8 @@ pub struct Backend {
     pub metrics: BackendMetrics,
     resolved: Mutex<Option<SocketAddr>>,
     health: AtomicU8,
+    /// [`role_code`] of the role in force.
+    role: AtomicU8,
     tracker: Mutex<Tracker>,
     passive_failures: AtomicU32,
     /// Wakes the connections to this backend that must close.
@@ -145,6 +199,7 @@ impl Backend {
             metrics: metrics.backend(pool, address.as_str()),
             resolved: Mutex::new(address.socket_addr()),
             health: AtomicU8::new(Health::Unknown as u8),
+            role: AtomicU8::new(ROLE_UNKNOWN),
             tracker: Mutex::new(Tracker::default()),
             passive_failures: AtomicU32::new(0),
             closer: Notify::new(),
@@ -154,6 +209,21 @@ impl Backend {
     /// Current health.
     pub fn health(&self) -> Health {
         Health::from_u8(self.health.load(Relaxed))
+    }
+
+    /// The role it reports, when its check tells one and it is up.
+    pub fn role(&self) -> Option<Role> {
+        match self.role.load(Relaxed) {
+            ROLE_PRIMARY => Some(Role::Primary),
+            ROLE_REPLICA => Some(Role::Replica),
+            _ => None,
+        }
+    }
+
+    fn store_role(&self, role: Option<Role>) {
+        let code = role_code(role);
+        self.role.store(code, Relaxed);
+        self.metrics.set_role(usize::from(code));
     }
 
     /// The address it resolved to at the last check.
@@ -219,6 +289,7 @@ impl Generation {
         let s = &self.settings;
         s.on_backend_down == SessionPolicy::Close
             || (s.on_failback == SessionPolicy::Close && s.mode == Mode::ActivePassive)
+            || s.role == RoleRequirement::Primary
     }
 }
 
@@ -242,6 +313,11 @@ struct Control {
     published: Vec<(usize, SocketAddr)>,
     /// Whether an empty serving set was already reported.
     reported_empty: bool,
+    /// The backend writes go to (role-aware pools), kept while it is down so
+    /// that a returning old primary cannot take over from it.
+    primary: Option<Arc<Backend>>,
+    /// Backends claiming primary when the conflict was last reported.
+    conflict: Vec<String>,
 }
 
 /// A pool of backends.
@@ -365,8 +441,20 @@ impl Pool {
         {
             ctl.active = None;
         }
+        if ctl
+            .primary
+            .as_ref()
+            .is_some_and(|p| self.generation.load().member(p).is_none())
+        {
+            ctl.primary = None;
+        }
         self.recompute(&mut ctl);
         gone
+    }
+
+    /// Backends claiming primary that the pool refuses to route to.
+    pub fn conflicts(&self) -> i64 {
+        self.metrics.conflicts.get()
     }
 
     /// Whether the first health-check round has finished.
@@ -403,7 +491,11 @@ impl Pool {
 
     /// Record an active check result for `backend`: `Ok` with the address it
     /// resolved to, or `Err` with the reason.
-    pub fn observe_check(&self, backend: &Arc<Backend>, result: Result<SocketAddr, String>) {
+    pub fn observe_check(
+        &self,
+        backend: &Arc<Backend>,
+        result: Result<(SocketAddr, Option<Role>), String>,
+    ) {
         let mut ctl = lock(&self.control);
         let generation = self.generation.load();
         let hc = &generation.settings.health_check;
@@ -414,7 +506,7 @@ impl Pool {
             backend.metrics.checks_failure.inc();
         }
         let mut changed = false;
-        if let Ok(addr) = &result {
+        if let Ok((addr, _)) = &result {
             let mut slot = lock(&backend.resolved);
             if *slot != Some(*addr) {
                 if let Some(old) = *slot {
@@ -429,6 +521,25 @@ impl Pool {
         }
         let mut tracker = lock(&backend.tracker);
         let was = tracker.state;
+        let role_change = match &result {
+            Ok((_, role)) => tracker.observe_role(*role, hc.rise),
+            Err(_) => None,
+        };
+        if let Some(role) = role_change {
+            let name = |r: Option<Role>| r.map_or("unknown", Role::as_str);
+            let before = backend.role();
+            backend.store_role(role);
+            if before.is_some() || role.is_some() {
+                info!(
+                    "pool {}: backend {} reports role {} (was {})",
+                    self.name,
+                    backend.address,
+                    name(role),
+                    name(before)
+                );
+            }
+            changed = true;
+        }
         if let Some(now) = tracker.observe(ok, hc.rise, hc.fall) {
             let streak = tracker.streak();
             drop(tracker);
@@ -510,6 +621,11 @@ impl Pool {
     /// pool's policy says must go.
     fn set_health(&self, _ctl: &mut Control, backend: &Backend, now: Health, transition: bool) {
         backend.health.store(now as u8, Relaxed);
+        if now == Health::Down {
+            // Its next answer decides its role afresh.
+            lock(&backend.tracker).clear_role();
+            backend.store_role(None);
+        }
         backend.metrics.up.set(i64::from(now == Health::Up));
         if transition {
             match now {
@@ -566,10 +682,11 @@ impl Pool {
     /// Work out the serving set, publish it, and log and count failovers.
     fn recompute(&self, ctl: &mut Control) {
         let generation = self.generation.load_full();
+        let eligible = self.eligible(&generation, ctl);
         let serving: Vec<usize> = match generation.settings.mode {
-            Mode::ActiveActive => self.recompute_active_active(&generation, ctl),
+            Mode::ActiveActive => self.recompute_active_active(&generation, ctl, &eligible),
             Mode::ActivePassive => self
-                .recompute_active_passive(&generation, ctl)
+                .recompute_active_passive(&generation, ctl, &eligible)
                 .into_iter()
                 .collect(),
         };
@@ -611,12 +728,135 @@ impl Pool {
         }
     }
 
-    fn recompute_active_active(&self, generation: &Generation, ctl: &mut Control) -> Vec<usize> {
+    /// Which members may serve, by index: up, and for role-aware pools
+    /// reporting the role the pool needs.
+    fn eligible(&self, generation: &Generation, ctl: &mut Control) -> Vec<bool> {
+        let settings = &generation.settings;
+        let with_role = |role: Role| -> Vec<bool> {
+            generation
+                .members
+                .iter()
+                .map(|m| m.backend.usable() && m.backend.role() == Some(role))
+                .collect()
+        };
+        match settings.role {
+            RoleRequirement::Any => generation
+                .members
+                .iter()
+                .map(|m| m.backend.usable())
+                .collect(),
+            RoleRequirement::Primary => self.guard_primary(generation, ctl),
+            RoleRequirement::Replica => {
+                let replicas = with_role(Role::Replica);
+                if replicas.contains(&true) || !settings.fallback_to_primary {
+                    replicas
+                } else {
+                    self.guard_primary(generation, ctl)
+                }
+            }
+        }
+    }
+
+    /// The one member writes may go to. With several claiming `primary`
+    /// (split brain), keep the one that was primary before, or none when
+    /// none of them was: never two.
+    fn guard_primary(&self, generation: &Generation, ctl: &mut Control) -> Vec<bool> {
+        let claimants: Vec<&Arc<Member>> = generation
+            .members
+            .iter()
+            .filter(|m| m.backend.usable() && m.backend.role() == Some(Role::Primary))
+            .collect();
+        let chosen = match claimants.as_slice() {
+            [] => None,
+            [only] => Some(Arc::clone(only)),
+            several => several
+                .iter()
+                .find(|m| {
+                    ctl.primary
+                        .as_ref()
+                        .is_some_and(|p| Arc::ptr_eq(p, &m.backend))
+                })
+                .map(|m| Arc::clone(m)),
+        };
+        let names: Vec<String> = if claimants.len() > 1 {
+            claimants
+                .iter()
+                .map(|m| m.backend.address.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if names != ctl.conflict {
+            if names.is_empty() {
+                info!(
+                    "pool {}: split brain over: one backend claims primary",
+                    self.name
+                );
+            } else {
+                match &chosen {
+                    Some(m) => error!(
+                        "pool {}: SPLIT BRAIN: {} all claim to be primary; writes stay on {}, the primary before; fix the others",
+                        self.name,
+                        names.join(", "),
+                        m.backend.address
+                    ),
+                    None => error!(
+                        "pool {}: SPLIT BRAIN: {} all claim to be primary and none was primary before; refusing writes until only one claims it",
+                        self.name,
+                        names.join(", ")
+                    ),
+                }
+            }
+            ctl.conflict = names;
+        }
+        let refused = claimants.len() - usize::from(chosen.is_some());
+        self.metrics
+            .conflicts
+            .set(i64::try_from(refused).unwrap_or(i64::MAX));
+        if let Some(m) = &chosen {
+            let previous = ctl.primary.replace(Arc::clone(&m.backend));
+            if let Some(old) = previous.filter(|old| !Arc::ptr_eq(old, &m.backend)) {
+                // Writes on the node that gave up the role would fail; end them.
+                warn!(
+                    "pool {}: primary moved from {} to {}; closing connections to {}",
+                    self.name, old.address, m.backend.address, old.address
+                );
+                old.closer.notify_waiters();
+            }
+        } else if ctl
+            .primary
+            .as_ref()
+            .is_some_and(|old| old.usable() && old.role() != Some(Role::Primary))
+        {
+            // It stepped down with no successor yet. (A primary that is merely
+            // down stays on record, so that it cannot take over from a
+            // successor when it returns.)
+            if let Some(old) = ctl.primary.take() {
+                warn!(
+                    "pool {}: {} is no longer primary; closing its connections",
+                    self.name, old.address
+                );
+                old.closer.notify_waiters();
+            }
+        }
+        generation
+            .members
+            .iter()
+            .map(|m| chosen.as_ref().is_some_and(|c| Arc::ptr_eq(c, m)))
+            .collect()
+    }
+
+    fn recompute_active_active(
+        &self,
+        generation: &Generation,
+        ctl: &mut Control,
+        eligible: &[bool],
+    ) -> Vec<usize> {
         let up = |backup: bool| -> Vec<usize> {
             generation
                 .members
                 .iter()
-                .filter(|m| m.backup == backup && m.backend.usable())
+                .filter(|m| m.backup == backup && eligible[m.index])
                 .map(|m| m.index)
                 .collect()
         };
@@ -660,14 +900,15 @@ impl Pool {
         &self,
         generation: &Generation,
         ctl: &mut Control,
+        eligible: &[bool],
     ) -> Option<usize> {
         let settings = &generation.settings;
-        let first_up = generation.members.iter().find(|m| m.backend.usable());
+        let first_up = generation.members.iter().find(|m| eligible[m.index]);
         let current = ctl
             .active
             .as_ref()
             .and_then(|a| generation.member(a))
-            .filter(|m| m.backend.usable());
+            .filter(|m| eligible[m.index]);
         let next = match (settings.failback, current) {
             (Failback::Manual, Some(m)) => Some(m),
             _ => first_up,
@@ -678,7 +919,17 @@ impl Pool {
         match &ctl.last_active {
             None => info!("pool {}: {to} is the active backend", self.name),
             Some(prev) if !Arc::ptr_eq(prev, &next.backend) => {
-                if prev.usable() {
+                let prev_qualifies = generation.member(prev).is_some_and(|m| eligible[m.index]);
+                if prev.usable() && !prev_qualifies {
+                    // Up, but without the role the pool needs (a promotion).
+                    self.metrics.failovers.inc();
+                    warn!(
+                        "pool {}: failover from {} (now {}) to {to}",
+                        self.name,
+                        prev.address,
+                        prev.role().map_or("unknown", Role::as_str)
+                    );
+                } else if prev.usable() {
                     info!(
                         "pool {}: {to} is the active backend again (was {})",
                         self.name, prev.address
@@ -709,6 +960,10 @@ impl Pool {
         let generation = self.generation.load();
         if let Some(found) = generation.selector.select(key, tried) {
             return Some(found);
+        }
+        if generation.settings.role != RoleRequirement::Any {
+            // Only the serving set has the role the pool needs.
+            return None;
         }
         let members = &generation.members;
         let priority = members

@@ -15,6 +15,8 @@ use common::*;
 fn sluice(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
+        // conf/mysql-primary-replica.yaml names it; -t reads it like a start would.
+        .env("SLUICE_MYSQL_MONITOR_PASSWORD", "not-a-real-password")
         .output()
         .unwrap();
     (

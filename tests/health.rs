@@ -94,7 +94,7 @@ async fn fall_failures_mark_down_and_rise_successes_mark_up() {
     assert_eq!((changes("down"), changes("up")), (1.0, 1.0));
     sluice
         .wait_log(&format!(
-            "backend {} is DOWN after 2 failed checks: connection refused",
+            "backend {} is DOWN after 2 failed checks: tcp check: connection refused",
             b.addr
         ))
         .await;
@@ -145,7 +145,7 @@ async fn not_ready_and_not_listening_until_the_first_round_ends() {
     assert_eq!(sluice.backend_state("app", hole.addr).await, "down");
     sluice
         .wait_log(&format!(
-            "backend {} is down: no answer within 1s 500ms",
+            "backend {} is down: tcp check: no answer within 1s 500ms",
             hole.addr
         ))
         .await;
@@ -180,7 +180,7 @@ async fn unresolvable_names_are_down_not_fatal() {
     let log = sluice.log();
     assert!(
         log.contains("is down: cannot resolve not-started-yet.invalid")
-            || log.contains("is down: no answer within"),
+            || log.contains("is down: tcp check: no answer within"),
         "{log}"
     );
 }

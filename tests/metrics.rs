@@ -182,6 +182,19 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         0.0
     );
     assert!(m.get("process_resident_memory_bytes", &[]).is_some());
+    // A tcp check reports no role.
+    let mut role = b(good.addr).to_vec();
+    role.push(("role", "unknown"));
+    assert_eq!(m.value("sluice_backend_role", &role), 1.0);
+    role.pop();
+    role.push(("role", "primary"));
+    assert_eq!(m.value("sluice_backend_role", &role), 0.0);
+    assert_eq!(m.value("sluice_pool_conflicts", &[("pool", "app")]), 0.0);
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "failure")]),
+        0.0
+    );
+    assert!(m.value("sluice_config_last_reload_success_timestamp_seconds", &[]) > 0.0);
 
     // Labels are bounded: only these names appear, so no client address can.
     let allowed = [
@@ -193,6 +206,7 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         "kind",
         "result",
         "to",
+        "role",
         "version",
         "le",
     ];

@@ -268,3 +268,132 @@ pools:
     assert_eq!(app.connect_attempts, 1);
     assert_eq!(c.warnings, ["pools.base: no listener uses this pool"]);
 }
+
+/// `MINIMAL` with `keys` (one per line, unindented) added to pool `app`.
+fn with_pool_keys(keys: &str) -> String {
+    let body: String = keys.lines().map(|l| format!("    {l}\n")).collect();
+    format!("{MINIMAL}{body}")
+}
+
+#[test]
+fn database_checks_and_roles_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let c = Config::from_yaml(&with_pool_keys(&format!(
+        "role: replica\nfallback_to_primary: true\nhealth_check: {{ kind: postgres, user: monitor, password_file: '{}', database: app }}",
+        secret.display()
+    )))
+    .unwrap();
+    let p = &c.pools[0];
+    assert_eq!(p.role, RoleRequirement::Replica);
+    assert!(p.fallback_to_primary);
+    let CheckKind::Postgres(pg) = &p.health_check.kind else {
+        panic!("{:?}", p.health_check.kind)
+    };
+    assert_eq!(pg.database, "app");
+    assert_eq!(pg.credentials.user.as_deref(), Some("monitor"));
+    assert_eq!(
+        pg.credentials.password.as_ref().map(Secret::expose),
+        Some("s3cret")
+    );
+    // The password shows in no debug output.
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn send_expect_and_http_checks_are_read() {
+    let c = Config::from_yaml(&with_pool_keys(
+        "health_check:\n  kind: send_expect\n  steps: [{ send: \"PING\\r\\n\" }, { expect: '^\\+PONG' }, { send_hex: '0a 0b' }, { expect_hex: '0A0B' }]",
+    ))
+    .unwrap();
+    let CheckKind::SendExpect(steps) = &c.pools[0].health_check.kind else {
+        panic!()
+    };
+    assert_eq!(steps.len(), 4);
+    assert_eq!(steps[0], Step::Send(b"PING\r\n".to_vec()));
+    assert!(matches!(&steps[1], Step::Expect(Expect::Pattern(p)) if p.is_match(b"+PONG\r\n")));
+    assert_eq!(steps[2], Step::Send(vec![0x0a, 0x0b]));
+    assert_eq!(steps[3], Step::Expect(Expect::Bytes(vec![0x0a, 0x0b])));
+
+    let c = Config::from_yaml(&with_pool_keys(
+        "role: primary\nhealth_check: { kind: http, port: 8008, path: /health, expect_status: 200-299, expect_body: ok, primary_path: /primary, replica_path: /replica }",
+    ))
+    .unwrap();
+    let CheckKind::Http(h) = &c.pools[0].health_check.kind else {
+        panic!()
+    };
+    assert_eq!(
+        (h.port, h.status, h.path.as_str()),
+        (Some(8008), (200, 299), "/health")
+    );
+    assert_eq!(h.primary_path.as_deref(), Some("/primary"));
+    assert!(c.pools[0].health_check.kind.reports_role());
+}
+
+#[test]
+fn database_check_mistakes_are_reported_with_paths() {
+    let p = problems(&with_pool_keys(
+        "role: primary\nfallback_to_primary: true\nhealth_check: { kind: mysql, password: hunter2, steps: [] }",
+    ));
+    let joined = p.join("\n");
+    assert!(
+        joined.contains("pools.app.fallback_to_primary: only applies to role: replica"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("pools.app.health_check.password: a password is never written"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("pools.app.health_check.steps: only applies to kind send_expect"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("pools.app.health_check.user: is required"),
+        "{joined}"
+    );
+    assert!(
+        !joined.contains("hunter2"),
+        "the password is not echoed: {joined}"
+    );
+
+    let p = problems(&with_pool_keys("role: primary"));
+    assert!(
+        p[0].contains("pools.app.role: `primary` needs a health check that reports roles"),
+        "{p:?}"
+    );
+
+    let p = problems(&with_pool_keys(
+        "health_check: { kind: redis, password_env: SLUICE_TEST_SURELY_UNSET }",
+    ));
+    assert!(
+        p[0].contains("environment variable `SLUICE_TEST_SURELY_UNSET` is not set"),
+        "{p:?}"
+    );
+
+    let p = problems(&with_pool_keys(
+        "health_check: { kind: send_expect, steps: [{ expect: '(' }, { send_hex: 'abc' }, { send: a, expect: b }] }",
+    ));
+    assert!(
+        p[0].contains("steps[0].expect: not a valid regular expression"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].contains("steps[1].send_hex: hex bytes need an even number of digits"),
+        "{p:?}"
+    );
+    assert!(p[2].contains("steps[2]: must hold exactly one of"), "{p:?}");
+
+    let p = problems(&with_pool_keys(
+        "health_check: { kind: http, path: health, expect_status: 700 }",
+    ));
+    assert!(
+        p[0].contains("health_check.path: `health` must be a path starting with `/`"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].contains("health_check.expect_status: must be an HTTP status"),
+        "{p:?}"
+    );
+}

@@ -238,9 +238,9 @@ fn failed_connects_of_real_traffic_mark_down_after_fall() {
     assert_eq!(serving(&p), [1]);
     assert_eq!(b.metrics.to_down.get(), 1);
     // Only active checks bring it back: `rise` (2) successes.
-    p.observe_check(&b, Ok("127.0.0.1:1".parse().unwrap()));
+    p.observe_check(&b, Ok(("127.0.0.1:1".parse().unwrap(), None)));
     assert_eq!(b.health(), Health::Down);
-    p.observe_check(&b, Ok("127.0.0.1:1".parse().unwrap()));
+    p.observe_check(&b, Ok(("127.0.0.1:1".parse().unwrap(), None)));
     assert_eq!(b.health(), Health::Up);
 }
 
@@ -304,4 +304,166 @@ async fn marking_down_closes_sessions_when_the_pool_says_so() {
     tokio::time::timeout(std::time::Duration::from_secs(1), closed)
         .await
         .expect("sessions told to close");
+}
+
+/// A role-aware pool over `n` backends 127.0.0.1:1..=n.
+fn role_pool(keys: &str, n: usize) -> Arc<Pool> {
+    let list: Vec<String> = (1..=n).map(|i| format!("127.0.0.1:{i}")).collect();
+    pool(&format!(
+        "    health_check: {{ kind: redis, rise: 2 }}\n{keys}\n    backends: [{}]",
+        list.join(", ")
+    ))
+}
+
+/// A successful check of backend `index` reporting `role`.
+fn report(p: &Pool, index: usize, role: Role) {
+    let b = p.backend(index);
+    let addr = format!("127.0.0.1:{}", index + 1).parse().unwrap();
+    p.observe_check(&b, Ok((addr, Some(role))));
+}
+
+#[test]
+fn role_is_decided_by_the_first_report_and_primary_needs_rise_reports() {
+    let mut t = Tracker::default();
+    assert_eq!(
+        t.observe_role(Some(Role::Replica), 3),
+        Some(Some(Role::Replica))
+    );
+    assert_eq!(t.observe_role(Some(Role::Primary), 3), None);
+    assert_eq!(t.observe_role(Some(Role::Primary), 3), None);
+    assert_eq!(
+        t.observe_role(Some(Role::Primary), 3),
+        Some(Some(Role::Primary))
+    );
+    // Stepping down is believed at once.
+    assert_eq!(
+        t.observe_role(Some(Role::Replica), 3),
+        Some(Some(Role::Replica))
+    );
+    // A broken streak starts again.
+    assert_eq!(t.observe_role(Some(Role::Primary), 2), None);
+    assert_eq!(t.observe_role(Some(Role::Replica), 2), None);
+    assert_eq!(t.observe_role(Some(Role::Primary), 2), None);
+    assert_eq!(
+        t.observe_role(Some(Role::Primary), 2),
+        Some(Some(Role::Primary))
+    );
+}
+
+#[test]
+fn a_primary_pool_serves_only_the_primary_and_follows_a_promotion() {
+    let p = role_pool("    mode: active_passive\n    role: primary", 2);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Replica);
+    assert_eq!(serving(&p), [0]);
+    assert!(
+        p.pick(b"", &[p.backend(0).id()]).is_none(),
+        "never a replica for writes"
+    );
+    // Promotion: the old primary steps down (at once), the replica claims
+    // primary and is believed after rise (2) reports.
+    report(&p, 0, Role::Replica);
+    assert_eq!(serving(&p), Vec::<usize>::new());
+    report(&p, 1, Role::Primary);
+    assert_eq!(serving(&p), Vec::<usize>::new());
+    report(&p, 1, Role::Primary);
+    assert_eq!(serving(&p), [1]);
+    assert_eq!(p.backend(1).metrics.up.get(), 1);
+    assert_eq!(p.conflicts(), 0);
+}
+
+#[test]
+fn split_brain_keeps_the_earlier_primary_and_counts_the_conflict() {
+    let p = role_pool("    role: primary", 3);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Replica);
+    report(&p, 2, Role::Replica);
+    assert_eq!(serving(&p), [0]);
+    report(&p, 1, Role::Primary);
+    report(&p, 1, Role::Primary);
+    assert_eq!(serving(&p), [0], "writes stay on the earlier primary");
+    assert_eq!(p.conflicts(), 1);
+    report(&p, 2, Role::Primary);
+    report(&p, 2, Role::Primary);
+    assert_eq!(serving(&p), [0]);
+    assert_eq!(p.conflicts(), 2);
+    // The earlier primary steps down: still two claim it, and neither was
+    // primary before, so writes stop rather than go to either.
+    report(&p, 0, Role::Replica);
+    assert_eq!(serving(&p), Vec::<usize>::new());
+    assert_eq!(p.conflicts(), 2);
+    report(&p, 2, Role::Replica);
+    assert_eq!(serving(&p), [1]);
+    assert_eq!(p.conflicts(), 0);
+}
+
+#[test]
+fn a_returning_old_primary_does_not_take_over() {
+    let p = role_pool("    role: primary", 2);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Replica);
+    set(&p, 0, Health::Down);
+    assert_eq!(
+        p.backend(0).role(),
+        None,
+        "a down backend's role is forgotten"
+    );
+    report(&p, 1, Role::Primary);
+    report(&p, 1, Role::Primary);
+    assert_eq!(serving(&p), [1]);
+    // It comes back still believing it is primary.
+    set(&p, 0, Health::Up);
+    report(&p, 0, Role::Primary);
+    assert_eq!(serving(&p), [1]);
+    assert_eq!(p.conflicts(), 1);
+}
+
+#[test]
+fn replicas_serve_reads_and_fall_back_to_the_primary_when_asked() {
+    let p = role_pool("    role: replica", 3);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Replica);
+    report(&p, 2, Role::Replica);
+    assert_eq!(serving(&p), [1, 2]);
+    set(&p, 1, Health::Down);
+    set(&p, 2, Health::Down);
+    assert_eq!(serving(&p), Vec::<usize>::new(), "no fallback unless asked");
+
+    let p = role_pool("    role: replica\n    fallback_to_primary: true", 2);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Replica);
+    assert_eq!(serving(&p), [1]);
+    set(&p, 1, Health::Down);
+    assert_eq!(
+        serving(&p),
+        [0],
+        "reads go to the primary while no replica is up"
+    );
+    set(&p, 1, Health::Up);
+    report(&p, 1, Role::Replica);
+    assert_eq!(serving(&p), [1]);
+}
+
+#[test]
+fn backend_role_metric_shows_the_current_role() {
+    let m = Metrics::new();
+    let src = "listeners: { l: { bind: 127.0.0.1:1, pool: p } }\npools:\n  p:\n    role: primary\n    health_check: { kind: redis }\n    backends: [127.0.0.1:1]";
+    let config = Config::from_yaml(src).unwrap();
+    let p = Pool::new(&config.pools[0], &m);
+    let text = || String::from_utf8(m.render()).unwrap();
+    assert!(
+        text()
+            .contains("sluice_backend_role{backend=\"127.0.0.1:1\",pool=\"p\",role=\"unknown\"} 1")
+    );
+    report(&p, 0, Role::Primary);
+    let t = text();
+    assert!(
+        t.contains("sluice_backend_role{backend=\"127.0.0.1:1\",pool=\"p\",role=\"primary\"} 1"),
+        "{t}"
+    );
+    assert!(
+        t.contains("sluice_backend_role{backend=\"127.0.0.1:1\",pool=\"p\",role=\"unknown\"} 0"),
+        "{t}"
+    );
+    assert!(t.contains("sluice_pool_conflicts{pool=\"p\"} 0"), "{t}");
 }
