@@ -93,19 +93,45 @@ fn metric(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     m.value(name, labels)
 }
 
+/// sluice in front of a `primary` and a `replica` database, checked with
+/// `kind` as the monitoring user, ready and routing: the write and read
+/// listener addresses.
+struct Tier {
+    sluice: Sluice,
+    write: SocketAddr,
+    read: SocketAddr,
+    _secrets: tempfile::TempDir,
+}
+
+async fn start_tier(kind: &str, primary: SocketAddr, replica: SocketAddr) -> Tier {
+    let dir = tempfile::tempdir().unwrap();
+    let check = format!(
+        "kind: {kind}, user: {MONITOR_USER}, password_file: '{}'",
+        password_file(&dir, MONITOR_PASSWORD)
+    );
+    let (w, r) = (reserve_port(), reserve_port());
+    let sluice = Sluice::start(&tier(w, r, &check, &[primary, replica], false)).await;
+    sluice.wait_active("primary", &[primary]).await;
+    sluice.wait_active("replicas", &[replica]).await;
+    Tier {
+        sluice,
+        write: addr(w),
+        read: addr(r),
+        _secrets: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_writes_follow_the_primary_and_reads_go_to_the_replica() {
     let db1 = Mariadb::primary();
     let db2 = Mariadb::replica_of(&db1);
-    let dir = tempfile::tempdir().unwrap();
-    let check = format!(
-        "kind: mysql, user: {MONITOR_USER}, password_file: '{}'",
-        password_file(&dir, MONITOR_PASSWORD)
-    );
-    let (w, r) = (reserve_port(), reserve_port());
-    let sluice = Sluice::start(&tier(w, r, &check, &[db1.addr, db2.addr], false)).await;
-    sluice.wait_active("primary", &[db1.addr]).await;
-    sluice.wait_active("replicas", &[db2.addr]).await;
+    let Tier {
+        sluice,
+        write,
+        read,
+        ..
+    } = &start_tier("mysql", db1.addr, db2.addr).await;
+    let (w, r) = (write.port(), read.port());
     let m = sluice.metrics().await;
     let (b1, b2) = (db1.addr.to_string(), db2.addr.to_string());
     assert_eq!(
@@ -166,7 +192,7 @@ async fn mariadb_writes_follow_the_primary_and_reads_go_to_the_replica() {
     // old primary read-only.
     db2.promote();
     db1.demote();
-    let took = wait_routed(&sluice, "primary", db2.addr).await;
+    let took = wait_routed(sluice, "primary", db2.addr).await;
     println!(
         "mariadb: write listener followed the promotion in {took:?} (rise {RISE} x interval {INTERVAL_MS} ms)"
     );
@@ -328,15 +354,13 @@ async fn redis_reads_fall_back_to_the_primary_when_asked() {
 async fn postgres_writes_follow_a_promoted_standby() {
     let pg1 = Postgres::primary();
     let pg2 = Postgres::standby_of(&pg1);
-    let dir = tempfile::tempdir().unwrap();
-    let check = format!(
-        "kind: postgres, user: {MONITOR_USER}, password_file: '{}'",
-        password_file(&dir, MONITOR_PASSWORD)
-    );
-    let (w, r) = (reserve_port(), reserve_port());
-    let sluice = Sluice::start(&tier(w, r, &check, &[pg1.addr, pg2.addr], false)).await;
-    sluice.wait_active("primary", &[pg1.addr]).await;
-    sluice.wait_active("replicas", &[pg2.addr]).await;
+    let Tier {
+        sluice,
+        write,
+        read,
+        ..
+    } = &start_tier("postgres", pg1.addr, pg2.addr).await;
+    let (w, r) = (write.port(), read.port());
 
     // Through the listeners, the server's own view of itself.
     let recovery_via = |listener: u16| {
@@ -353,7 +377,7 @@ async fn postgres_writes_follow_a_promoted_standby() {
     // Failover: the primary dies, the standby is promoted.
     drop(pg1);
     pg2.promote();
-    let took = wait_routed(&sluice, "primary", pg2.addr).await;
+    let took = wait_routed(sluice, "primary", pg2.addr).await;
     println!("postgres: write listener followed the promotion in {took:?}");
     assert_eq!(recovery_via(w).unwrap(), "f");
 }
