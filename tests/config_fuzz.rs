@@ -235,9 +235,61 @@ fn backend(noisy: bool) -> BoxedStrategy<Value> {
     .boxed()
 }
 
+/// A `send_expect` step: one of its four keys, with a good or bad value.
+fn step() -> BoxedStrategy<Value> {
+    (
+        text(&["send", "send_hex", "expect", "expect_hex", "nope"]),
+        text(&["PING\r\n", "^\\+PONG", "0a 0b", "zz", "(", ""]),
+    )
+        .prop_map(|(k, v)| {
+            let mut m = Mapping::new();
+            m.insert(k, v);
+            Value::Mapping(m)
+        })
+        .boxed()
+}
+
+/// The keys that belong to one check kind or another.
+fn kind_keys(noisy: bool) -> BoxedStrategy<Vec<(&'static str, Option<Value>)>> {
+    (
+        opt(text(&["monitor", ""]), noisy),
+        opt(text(&["postgres", "app"]), noisy),
+        opt(
+            prop::collection::vec(step(), 0..4)
+                .prop_map(Value::Sequence)
+                .boxed(),
+            noisy,
+        ),
+        opt(text(&["/", "/health", "health"]), noisy),
+        opt(text(&["200", "200-399", "399-200", "700"]), noisy),
+        opt(text(&["/primary", "primary"]), noisy),
+        opt(text(&["SLUICE_FUZZ_UNSET", "PATH"]), noisy),
+    )
+        .prop_map(|(user, db, steps, path, status, primary, env)| {
+            vec![
+                ("user", user),
+                ("database", db),
+                ("steps", steps),
+                ("path", path),
+                ("expect_status", status),
+                ("primary_path", primary),
+                ("password_env", env),
+            ]
+        })
+        .boxed()
+}
+
 fn health_check(noisy: bool) -> BoxedStrategy<Value> {
     (
-        opt(pick(&["tcp"], &["http"], noisy), noisy),
+        opt(
+            pick(
+                &["tcp", "http", "redis", "mysql", "postgres", "send_expect"],
+                &["udp"],
+                noisy,
+            ),
+            noisy,
+        ),
+        kind_keys(noisy),
         opt(long(noisy), noisy),
         opt(short(noisy), noisy),
         opt(num(1..101, 0..102, noisy), noisy),
@@ -245,18 +297,17 @@ fn health_check(noisy: bool) -> BoxedStrategy<Value> {
         opt(any::<bool>().prop_map(Value::Bool).boxed(), noisy),
         rare(noisy),
     )
-        .prop_map(|(k, i, t, r, f, p, u)| {
-            mapping(
-                vec![
-                    ("kind", k),
-                    ("interval", i),
-                    ("timeout", t),
-                    ("rise", r),
-                    ("fall", f),
-                    ("passive", p),
-                ],
-                u,
-            )
+        .prop_map(|(k, keys, i, t, r, f, p, u)| {
+            let mut entries = vec![
+                ("kind", k),
+                ("interval", i),
+                ("timeout", t),
+                ("rise", r),
+                ("fall", f),
+                ("passive", p),
+            ];
+            entries.extend(keys);
+            mapping(entries, u)
         })
         .boxed()
 }
@@ -274,6 +325,10 @@ fn pool(noisy: bool) -> BoxedStrategy<Value> {
         opt(text(&["keep", "close"]), noisy),
         noise_only(&["keep", "close"], noisy),
         opt(health_check(noisy), noisy),
+        (
+            opt(text(&["any", "primary", "replica"]), noisy),
+            opt(any::<bool>().prop_map(Value::Bool).boxed(), noisy),
+        ),
         field(
             prop::collection::vec(backend(noisy), usize::from(!noisy)..4)
                 .prop_map(Value::Sequence)
@@ -282,22 +337,26 @@ fn pool(noisy: bool) -> BoxedStrategy<Value> {
         ),
         rare(noisy),
     )
-        .prop_map(|(al, mo, fb, ct, ca, obd, ofb, hc, be, u)| {
-            mapping(
-                vec![
-                    ("algorithm", al),
-                    ("mode", mo),
-                    ("failback", fb),
-                    ("connect_timeout", ct),
-                    ("connect_attempts", ca),
-                    ("on_backend_down", obd),
-                    ("on_failback", ofb),
-                    ("health_check", hc),
-                    ("backends", Some(be)),
-                ],
-                u,
-            )
-        })
+        .prop_map(
+            |(al, mo, fb, ct, ca, obd, ofb, hc, (role, fallback), be, u)| {
+                mapping(
+                    vec![
+                        ("role", role),
+                        ("fallback_to_primary", fallback),
+                        ("algorithm", al),
+                        ("mode", mo),
+                        ("failback", fb),
+                        ("connect_timeout", ct),
+                        ("connect_attempts", ca),
+                        ("on_backend_down", obd),
+                        ("on_failback", ofb),
+                        ("health_check", hc),
+                        ("backends", Some(be)),
+                    ],
+                    u,
+                )
+            },
+        )
         .boxed()
 }
 
@@ -411,6 +470,71 @@ fn document_with(noisy: bool) -> BoxedStrategy<Value> {
         .boxed()
 }
 
+/// Keep only the check keys its kind takes (filling in the required ones),
+/// and a role only where the check reports one.
+fn coherent_check(pool: &mut Mapping) {
+    let role_aware = match pool.get_mut("health_check").and_then(Value::as_mapping_mut) {
+        Some(hc) => {
+            let kind = hc
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("tcp")
+                .to_string();
+            let keeps: &[&str] = match kind.as_str() {
+                "http" => &["path", "expect_status", "primary_path"],
+                "redis" => &["user"],
+                "mysql" => &["user"],
+                "postgres" => &["user", "database"],
+                "send_expect" => &["steps"],
+                _ => &[],
+            };
+            for key in [
+                "user",
+                "database",
+                "steps",
+                "path",
+                "expect_status",
+                "primary_path",
+                "password_env",
+            ] {
+                if !keeps.contains(&key) {
+                    hc.remove(key);
+                }
+            }
+            let mut set = |key: &str, value: Value| {
+                hc.insert(Value::String(key.to_string()), value);
+            };
+            match kind.as_str() {
+                "mysql" | "postgres" => set("user", Value::String("monitor".into())),
+                "send_expect" => set(
+                    "steps",
+                    serde_yaml::from_str("[{ send: \"PING\\r\\n\" }, { expect: PONG }]").unwrap(),
+                ),
+                "http" => {
+                    set("path", Value::String("/health".into()));
+                    set("expect_status", Value::String("200-399".into()));
+                }
+                _ => {}
+            }
+            let role_aware = matches!(kind.as_str(), "redis" | "mysql" | "postgres")
+                || (kind == "http" && hc.contains_key("primary_path"));
+            if kind == "http" {
+                if let Some(p) = hc.get_mut("primary_path") {
+                    *p = Value::String("/primary".into());
+                }
+            }
+            role_aware
+        }
+        None => false,
+    };
+    if !role_aware {
+        pool.remove("role");
+    }
+    if pool.get("role").and_then(Value::as_str) != Some("replica") {
+        pool.remove("fallback_to_primary");
+    }
+}
+
 /// Settle what a clean document cannot get right by chance: every
 /// listener's pool exists, active_passive pools carry no algorithm, weights
 /// or backups, and no pool lists an address twice.
@@ -422,6 +546,7 @@ fn make_coherent(doc: &mut Value) {
         let Some(pool) = pool.as_mapping_mut() else {
             continue;
         };
+        coherent_check(pool);
         let passive = pool.get("mode").and_then(Value::as_str) == Some("active_passive");
         if passive {
             pool.remove("algorithm");

@@ -1,6 +1,6 @@
 //! Signals: SIGTERM drains (unready, then listeners close, then open
 //! connections finish or are cut at the timeout), SIGINT exits at once,
-//! SIGHUP does not kill.
+//! SIGHUP reloads and does not kill; `-d` daemonizes.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -125,4 +125,73 @@ async fn sighup_does_not_kill() {
     );
     let (status, _) = http_get(sluice.admin, "/readyz").await.unwrap();
     assert_eq!(status, 200);
+}
+
+/// `-d`: the command returns at once, the daemon writes its pid file,
+/// serves, and drains on SIGTERM like the foreground process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_mode_writes_its_pid_file_serves_and_stops_on_sigterm() {
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    let b = Backend::start("b", Behavior::Name).await;
+    let (port, admin) = (reserve_port(), reserve_port());
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("sluice.pid");
+    let yaml = config(port, b.addr, "0s", "5s")
+        .replace(
+            "server: {",
+            &format!("server: {{ pid_file: '{}', ", pid_file.display()),
+        )
+        .replace("{admin}", &format!("127.0.0.1:{admin}"));
+    let config_path = dir.path().join("sluice.yaml");
+    std::fs::write(&config_path, yaml).unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("-d")
+        .arg("-c")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the foreground command returns once daemonized"
+    );
+    let mut pid = None;
+    wait_until("pid file written", || {
+        let text = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        pid = text.trim().parse::<i32>().ok();
+        async move { pid.is_some() }
+    })
+    .await;
+    let pid = Pid::from_raw(pid.unwrap());
+    // Stop the daemon even if an assertion below fails.
+    struct Stop(Pid);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let _guard = Stop(pid);
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    wait_until("daemon ready", || async {
+        matches!(http_get(admin, "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    assert_eq!(
+        read_all(SocketAddr::from(([127, 0, 0, 1], port))).await,
+        "b\n"
+    );
+    kill(pid, Signal::SIGTERM).unwrap();
+    // Gone, or a zombie waiting for whoever reaps orphans here.
+    let exited = move || {
+        kill(pid, None).is_err()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(") ")
+                    .next()
+                    .is_some_and(|rest| rest.starts_with('Z'))
+            })
+    };
+    wait_until("daemon exited", || async move { exited() }).await;
 }
