@@ -739,22 +739,26 @@ impl Pool {
                 .map(|m| m.backend.usable() && m.backend.role() == Some(role))
                 .collect()
         };
-        match settings.role {
+        let eligible = match settings.role {
             RoleRequirement::Any => generation
                 .members
                 .iter()
                 .map(|m| m.backend.usable())
                 .collect(),
-            RoleRequirement::Primary => self.guard_primary(generation, ctl),
+            RoleRequirement::Primary => return self.guard_primary(generation, ctl),
             RoleRequirement::Replica => {
                 let replicas = with_role(Role::Replica);
                 if replicas.contains(&true) || !settings.fallback_to_primary {
                     replicas
                 } else {
-                    self.guard_primary(generation, ctl)
+                    return self.guard_primary(generation, ctl);
                 }
             }
-        }
+        };
+        // No primary is chosen here, so no conflict is being refused.
+        ctl.conflict.clear();
+        self.metrics.conflicts.set(0);
+        eligible
     }
 
     /// The one member writes may go to. With several claiming `primary`

@@ -467,3 +467,24 @@ fn backend_role_metric_shows_the_current_role() {
     );
     assert!(t.contains("sluice_pool_conflicts{pool=\"p\"} 0"), "{t}");
 }
+
+#[test]
+fn a_read_pool_reports_a_conflict_only_while_it_falls_back() {
+    let p = role_pool("    role: replica\n    fallback_to_primary: true", 3);
+    report(&p, 2, Role::Replica);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Primary);
+    assert_eq!(serving(&p), [2]);
+    assert_eq!(p.conflicts(), 0, "reads do not care who is primary");
+    set(&p, 2, Health::Down);
+    assert_eq!(
+        serving(&p),
+        Vec::<usize>::new(),
+        "two primaries, none earlier: no fallback"
+    );
+    assert_eq!(p.conflicts(), 2);
+    set(&p, 2, Health::Up);
+    report(&p, 2, Role::Replica);
+    assert_eq!(serving(&p), [2]);
+    assert_eq!(p.conflicts(), 0, "the gauge does not stay stale");
+}
