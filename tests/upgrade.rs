@@ -98,4 +98,31 @@ async fn upgrade_under_load_refuses_and_resets_nothing() {
     let mut again = TcpStream::connect(addr(held_port)).await.unwrap();
     echo(&mut again, "after the upgrade\n").await;
     assert!(new.try_wait().is_none());
+    drop(again);
+
+    // And it can hand over in turn: the inherited sockets are in its table too.
+    let load = Load::start(addr(front), 4, 1_000_000, Exchange::Name);
+    wait_until("load flowing", || async { load.ok() > 200 }).await;
+    let newer = new.spawn_next(&["-u"]);
+    wait_until("the newer process waits on the upgrade socket", || async {
+        sock.exists()
+    })
+    .await;
+    new.signal(Signal::SIGQUIT);
+    new.wait_log("listeners closed").await;
+    let handed_over = load.ok();
+    wait_until("load flowing through the newer process", || async {
+        load.ok() > handed_over + 2000
+    })
+    .await;
+    assert!(new.wait_exit(DEADLINE).await.success());
+    let (ok, failed, errors) = load.finish().await;
+    println!("second upgrade under load: {ok} connections served, {failed} refused or reset");
+    assert_eq!(
+        failed, 0,
+        "connections lost in the second handover: {errors:?}"
+    );
+    newer.wait_ready().await;
+    let mut last = TcpStream::connect(addr(held_port)).await.unwrap();
+    echo(&mut last, "after the second upgrade\n").await;
 }
