@@ -18,8 +18,8 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::listener::OpenConnections;
 use crate::state::State;
+use crate::traffic::Traffic;
 
 /// sluice's signal handling, given to pingora's main loop.
 pub struct Signals {
@@ -90,14 +90,15 @@ impl ShutdownSignalWatch for Signals {
 
 /// Ends the process once connections have drained after listeners closed.
 pub struct DrainService {
-    open: Arc<OpenConnections>,
+    traffic: Arc<Traffic>,
     timeout: Duration,
 }
 
 impl DrainService {
-    /// Watch `open` connections; give them `timeout` at most.
-    pub fn new(open: Arc<OpenConnections>, timeout: Duration) -> Self {
-        DrainService { open, timeout }
+    /// Watch the open connections of `traffic` once its listeners are
+    /// closed; give them `timeout` at most.
+    pub fn new(traffic: Arc<Traffic>, timeout: Duration) -> Self {
+        DrainService { traffic, timeout }
     }
 }
 
@@ -111,13 +112,20 @@ impl BackgroundService for DrainService {
             return;
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut open = self.open.get();
+        // Count only once nothing can be accepted any more (listeners that
+        // never opened have nothing to close).
+        if self.traffic.is_started() {
+            let mut closed = self.traffic.listeners_closed();
+            let _ = tokio::time::timeout_at(deadline, closed.wait_for(|c| *c)).await;
+        }
+        let open_connections = self.traffic.open_connections();
+        let mut open = open_connections.get();
         if open > 0 {
             info!("waiting for {open} open connection(s) to finish");
         }
         while open > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(DRAIN_POLL).await;
-            open = self.open.get();
+            open = open_connections.get();
         }
         if open > 0 {
             warn!(

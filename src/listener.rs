@@ -81,6 +81,22 @@ impl OpenConnections {
     pub fn get(&self) -> i64 {
         self.0.load(Relaxed)
     }
+
+    /// Count a client as open from the moment it is accepted, before its
+    /// task first runs, so a drain never sees it missing.
+    pub fn admit(self: &Arc<Self>) -> Admitted {
+        self.0.fetch_add(1, Relaxed);
+        Admitted(Arc::clone(self))
+    }
+}
+
+/// One accepted client, counted in [`OpenConnections`] until dropped.
+pub struct Admitted(Arc<OpenConnections>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Serves the clients of one listener.
@@ -90,26 +106,23 @@ pub struct ListenerApp {
     max_connections: Option<usize>,
     relay: relay::Options,
     metrics: ListenerMetrics,
-    open: Arc<OpenConnections>,
     no_backend_log: LogLimiter,
     limit_log: LogLimiter,
 }
 
-/// Counts a connection as open until dropped.
-struct Held<'a>(&'a IntGauge, &'a OpenConnections);
+/// Counts a connection in the listener's active gauge until dropped.
+struct Held<'a>(&'a IntGauge);
 
 impl<'a> Held<'a> {
-    fn new(gauge: &'a IntGauge, open: &'a OpenConnections) -> Self {
+    fn new(gauge: &'a IntGauge) -> Self {
         gauge.inc();
-        open.0.fetch_add(1, Relaxed);
-        Held(gauge, open)
+        Held(gauge)
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.dec();
-        self.1.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -196,12 +209,7 @@ fn is_local_resource_error(e: &io::Error) -> bool {
 
 impl ListenerApp {
     /// Serve the listener `settings` from `pool`.
-    pub fn new(
-        settings: &ListenerSettings,
-        pool: Arc<Pool>,
-        metrics: ListenerMetrics,
-        open: Arc<OpenConnections>,
-    ) -> Self {
+    pub fn new(settings: &ListenerSettings, pool: Arc<Pool>, metrics: ListenerMetrics) -> Self {
         ListenerApp {
             name: settings.name.clone(),
             pool,
@@ -211,7 +219,6 @@ impl ListenerApp {
                 splice: settings.splice,
             },
             metrics,
-            open,
             no_backend_log: LogLimiter::new(),
             limit_log: LogLimiter::new(),
         }
@@ -234,7 +241,7 @@ impl ListenerApp {
     }
 
     /// Serve a client the listener just accepted.
-    pub async fn serve_accepted(self: Arc<Self>, client: Socket) {
+    pub async fn serve_accepted(self: Arc<Self>, client: Socket, _admitted: Admitted) {
         self.metrics.connections.inc();
         self.serve(client).await;
     }
@@ -242,7 +249,7 @@ impl ListenerApp {
     /// Admit a client, connect it to a backend and relay until it is done.
     async fn serve(&self, client: Socket) {
         let m = &self.metrics;
-        let _held = Held::new(&m.active, &self.open);
+        let _held = Held::new(&m.active);
         if let Some(max) = self.max_connections {
             if m.active.get() > max as i64 {
                 m.rejected_max_connections.inc();

@@ -163,7 +163,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
     info!("listeners open after the first health-check round");
     server.add_service(background_service(
         "drain",
-        DrainService::new(traffic.open_connections(), timeout),
+        DrainService::new(Arc::clone(&traffic), timeout),
     ));
 
     server.run(RunArgs {

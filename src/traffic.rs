@@ -82,6 +82,8 @@ pub struct Traffic {
     fd_log: LogLimiter,
     /// Addresses whose socket sluice keeps in pingora's listener-fd table.
     held: Mutex<HashSet<String>>,
+    /// Set once shutdown has stopped every accept loop and closed the sockets.
+    closed: watch::Sender<bool>,
 }
 
 /// The pingora service that hosts [`Traffic`].
@@ -111,7 +113,14 @@ impl Traffic {
             spare: Mutex::new(File::open("/dev/null").ok()),
             fd_log: LogLimiter::new(),
             held: Mutex::new(HashSet::new()),
+            closed: watch::Sender::new(false),
         })
+    }
+
+    /// Turns true once shutdown has stopped every accept loop: from then on
+    /// no client can be accepted, so the open count only falls.
+    pub fn listeners_closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
     }
 
     /// Connections open through any listener, removed ones included.
@@ -289,12 +298,7 @@ impl Traffic {
     }
 
     fn app(&self, settings: &ListenerSettings, pool: Arc<Pool>) -> ListenerApp {
-        ListenerApp::new(
-            settings,
-            pool,
-            self.metrics.listener(&settings.name),
-            Arc::clone(&self.open),
-        )
+        ListenerApp::new(settings, pool, self.metrics.listener(&settings.name))
     }
 
     /// Wait for the pool, then accept until stopped or shut down.
@@ -328,7 +332,8 @@ impl Traffic {
                         match guard.try_io(|l| socket::accept(l.get_ref())) {
                             Ok(Ok(client)) => {
                                 let app = app.load_full();
-                                tokio::spawn(async move { app.serve_accepted(client).await });
+                                let admitted = self.open.admit();
+                                tokio::spawn(async move { app.serve_accepted(client, admitted).await });
                             }
                             Ok(Err(e)) if is_out_of_fds(&e) => {
                                 if !self.refuse_one(&listener, &app.load()) {
@@ -437,13 +442,20 @@ impl ServiceWithDependents for TrafficService {
         traffic.started.store(true, Relaxed);
         ready.notify_ready();
         raised(&mut shutdown).await;
-        for (_, r) in lock(&traffic.running).drain() {
-            Traffic::halt(r);
+        let running: Vec<Running> = lock(&traffic.running).drain().map(|(_, r)| r).collect();
+        for r in running {
+            let _ = r.stop.send(true);
+            // The loops see the flag at their next turn; wait for them, so that
+            // no accept is still under way when the drain counts.
+            for task in r.tasks {
+                let _ = task.await;
+            }
         }
         // On an upgrade the new process has its copies by now; ours must go,
         // or the ports would keep accepting into a backlog nobody reads.
         traffic.release(|_| true);
         info!("listeners closed; no new connections accepted");
+        traffic.closed.send_replace(true);
     }
 
     fn name(&self) -> &str {
