@@ -68,17 +68,11 @@ fn check_binds(config: &Config) -> Result<(), StartError> {
         );
     }
     for (path, addr) in addrs {
-        let probe = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )
-        .and_then(|s| {
-            // As pingora binds: SO_REUSEADDR, so only a live listener conflicts.
-            s.set_reuse_address(true)?;
-            s.bind(&addr.into())
-        });
-        probe.map_err(|source| StartError::Bind { path, addr, source })?;
+        crate::traffic::probe_bind(addr).map_err(|source| StartError::Bind {
+            path,
+            addr,
+            source,
+        })?;
     }
     Ok(())
 }

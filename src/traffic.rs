@@ -182,16 +182,7 @@ impl Traffic {
             if self.holds(addr) {
                 continue;
             }
-            let probe = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )
-            .and_then(|s| {
-                s.set_reuse_address(true)?;
-                s.bind(&addr.into())
-            });
-            probe.map_err(|source| BindError {
+            probe_bind(addr).map_err(|source| BindError {
                 listener: settings.name.clone(),
                 addr,
                 source,
@@ -388,6 +379,18 @@ impl Traffic {
         }
         refused
     }
+}
+
+/// Whether `addr` can be bound now: bind a throwaway socket the way
+/// listeners are bound (SO_REUSEADDR, so only a live listener conflicts).
+pub fn probe_bind(addr: SocketAddr) -> io::Result<()> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
 }
 
 /// Wait until the flag is set (or its sender is gone).
