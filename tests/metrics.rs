@@ -223,6 +223,24 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         }
     }
 
+    // The shipped alert rules use only metrics sluice exports: a renamed
+    // metric would leave an alert that can never fire.
+    let rules =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker/alerts.yml")).unwrap();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("sluice_"))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(used.len() >= 5, "{used:?}");
+    for name in used {
+        assert!(
+            m.text.contains(&format!("# TYPE {name} ")),
+            "docker/alerts.yml uses `{name}`, which sluice does not export"
+        );
+    }
+
     // Prometheus's own checker accepts the exposition.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("metrics.txt");
@@ -238,4 +256,28 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `promtool` accepts the shipped alert rules, and their unit tests
+/// (docker/alerts_test.yml: which alert fires when) pass.
+#[test]
+fn shipped_alert_rules_are_valid_and_fire_as_specified() {
+    let docker = concat!(env!("CARGO_MANIFEST_DIR"), "/docker");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(docker)
+            .output()
+            .expect("promtool runs (Debian package `prometheus`; `make test` installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
