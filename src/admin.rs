@@ -129,7 +129,7 @@ fn pool_json(p: &Pool) -> Value {
                 "active": m.is_serving(),
                 "weight": m.weight,
                 "backup": m.backup,
-                "connections": b.metrics.connections_active.get(),
+                "connections": b.open_connections(),
             })
         })
         .collect();

@@ -184,6 +184,9 @@ pub struct PoolSettings {
     pub role: RoleRequirement,
     /// `role: replica`: send reads to the primary while no replica is up.
     pub fallback_to_primary: bool,
+    /// How long a backend that claimed primary while another held the
+    /// writes must be the only claimant before it gets them.
+    pub primary_hold: Duration,
     /// Backends in priority order.
     pub backends: Vec<BackendSettings>,
 }
@@ -765,6 +768,7 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "health_check",
             "role",
             "fallback_to_primary",
+            "primary_hold",
             "backends",
         ],
     )?;
@@ -848,6 +852,17 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "only applies to role: replica",
         );
     }
+    let primary_hold_set = f
+        .get("primary_hold")
+        .map(|v| d.duration_at_least(v, &f.path("primary_hold"), Duration::ZERO));
+    let decides_primary = role == RoleRequirement::Primary
+        || (role == RoleRequirement::Replica && fallback_to_primary);
+    if primary_hold_set.is_some() && !decides_primary {
+        d.problem(
+            f.path("primary_hold"),
+            "only applies to role: primary, or role: replica with fallback_to_primary",
+        );
+    }
     if let Some(hc) = &health_check {
         if role != RoleRequirement::Any && !hc.kind.reports_role() {
             d.problem(
@@ -894,6 +909,10 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         }
     }
 
+    let health_check = health_check.unwrap_or_default();
+    let primary_hold = primary_hold_set
+        .flatten()
+        .unwrap_or_else(|| default_primary_hold(&health_check));
     // Bad values were reported; stand-ins keep the pool for cross-checks.
     Some(PoolSettings {
         name: name.to_string(),
@@ -904,11 +923,19 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         connect_attempts: connect_attempts.unwrap_or(DEFAULT_CONNECT_ATTEMPTS),
         on_backend_down,
         on_failback: on_failback_set.flatten().unwrap_or(SessionPolicy::Keep),
-        health_check: health_check.unwrap_or_default(),
+        health_check,
         role,
         fallback_to_primary,
+        primary_hold,
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
     })
+}
+
+/// The default `primary_hold`: `rise` + 2 check intervals, longer than a
+/// blip of the real primary takes (marked down, then `rise` checks to come
+/// back), so such a blip cannot hand the writes to a stale claimant.
+pub fn default_primary_hold(hc: &HealthCheckSettings) -> Duration {
+    hc.interval.saturating_mul(hc.rise.saturating_add(2))
 }
 
 /// Backends with, for each, whether `weight` and `backup` were written out.

@@ -3,7 +3,7 @@
 //! Each pool runs rounds every `interval`. A round checks all current
 //! members in parallel; each check (name resolution included) is bounded by
 //! `timeout`, and its result goes to the pool as soon as it arrives (the pool
-//! applies rise/fall, see [`crate::pool::Tracker`]). `tcp` checks use
+//! applies rise/fall, see [`crate::pool::core`]). `tcp` checks use
 //! pingora's `TcpHealthCheck`; the other kinds speak their protocol
 //! ([`crate::check`]) and may report the backend's role. Names are resolved on
 //! every round, so a backend whose name does not resolve yet is simply down.
@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -68,41 +68,99 @@ pub enum CheckError {
 
 /// The running health-check loops, one per pool.
 pub struct HealthChecks {
-    handle: OnceLock<Handle>,
-    loops: Mutex<HashMap<String, JoinHandle<()>>>,
-    initial: Vec<Arc<Pool>>,
+    inner: Mutex<Loops>,
     local_errors: LogLimiter,
+}
+
+#[derive(Default)]
+struct Loops {
+    /// The runtime, once the service runs.
+    handle: Option<Handle>,
+    /// Per pool, the task that supervises its loop.
+    running: HashMap<String, JoinHandle<()>>,
+    /// Pools to start when the service starts (the initial configuration,
+    /// changed by any reload that came first).
+    pending: Vec<Arc<Pool>>,
 }
 
 /// The pingora background service that hosts the loops.
 pub struct HealthService(pub Arc<HealthChecks>);
 
+/// Aborts a task when dropped, so that stopping a supervisor stops its loop.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Pause before a loop that died is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
 impl HealthChecks {
     /// Checks for `pools`, started when the service starts.
     pub fn new(pools: Vec<Arc<Pool>>) -> Arc<Self> {
         Arc::new(HealthChecks {
-            handle: OnceLock::new(),
-            loops: Mutex::new(HashMap::new()),
-            initial: pools,
+            inner: Mutex::new(Loops {
+                pending: pools,
+                ..Loops::default()
+            }),
             local_errors: LogLimiter::new(),
         })
     }
 
     /// Start checking `pool` (replacing a loop of the same name).
     pub fn start(self: &Arc<Self>, pool: Arc<Pool>) {
-        let Some(handle) = self.handle.get() else {
+        let mut loops = lock(&self.inner);
+        let Some(handle) = loops.handle.clone() else {
+            loops.pending.retain(|p| p.name != pool.name);
+            loops.pending.push(pool);
             return;
         };
-        let task = handle.spawn(Arc::clone(self).run_pool(Arc::clone(&pool)));
-        if let Some(old) = lock(&self.loops).insert(pool.name.clone(), task) {
+        let task = handle.spawn(Arc::clone(self).supervise(Arc::clone(&pool)));
+        if let Some(old) = loops.running.insert(pool.name.clone(), task) {
             old.abort();
         }
     }
 
     /// Stop checking the pool `name`.
     pub fn stop(&self, name: &str) {
-        if let Some(task) = lock(&self.loops).remove(name) {
+        let mut loops = lock(&self.inner);
+        loops.pending.retain(|p| p.name != name);
+        if let Some(task) = loops.running.remove(name) {
             task.abort();
+        }
+    }
+
+    /// Keep `pool`'s loop running: a loop that dies (a bug) is logged and
+    /// started again, never left silently stopped with its backends frozen
+    /// in their last state.
+    async fn supervise(self: Arc<Self>, pool: Arc<Pool>) {
+        loop {
+            let mut task = AbortOnDrop(tokio::spawn(Arc::clone(&self).run_pool(Arc::clone(&pool))));
+            let outcome = (&mut task.0).await;
+            match outcome {
+                Err(e) if e.is_panic() => {
+                    let panic = e.into_panic();
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown cause".to_string());
+                    log::error!(
+                        "pool {}: the health-check loop failed ({what}); restarting it in {}",
+                        pool.name,
+                        humantime::format_duration(RESTART_DELAY)
+                    );
+                }
+                _ => log::error!(
+                    "pool {}: the health-check loop stopped; restarting it in {}",
+                    pool.name,
+                    humantime::format_duration(RESTART_DELAY)
+                ),
+            }
+            tokio::time::sleep(RESTART_DELAY).await;
         }
     }
 
@@ -143,7 +201,8 @@ impl HealthChecks {
                     result => pool.observe_check(backend, result.map_err(|e| e.to_string())),
                 }
             }
-            pool.mark_ready();
+            // Also the pool's clock: hold times are checked once a round.
+            pool.round_done();
         }
     }
 }
@@ -155,7 +214,12 @@ fn ticker(period: Duration, start: tokio::time::Instant) -> tokio::time::Interva
 }
 
 fn ticker_after(period: Duration) -> tokio::time::Interval {
-    ticker(period, tokio::time::Instant::now() + period)
+    let now = tokio::time::Instant::now();
+    // A period too long to add means "not for a very long time".
+    let start = now
+        .checked_add(period)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+    ticker(period, start)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,11 +234,16 @@ impl BackgroundService for HealthService {
         ready: ServiceReadyNotifier,
     ) {
         let checks = &self.0;
-        let _ = checks.handle.set(Handle::current());
-        for pool in &checks.initial {
+        let initial = {
+            let mut loops = lock(&checks.inner);
+            loops.handle = Some(Handle::current());
+            std::mem::take(&mut loops.pending)
+        };
+        for pool in &initial {
             checks.start(Arc::clone(pool));
         }
-        let first_rounds = futures::future::join_all(checks.initial.iter().map(|p| p.wait_ready()));
+        // A pool a reload removes meanwhile is retired: it counts as ready.
+        let first_rounds = futures::future::join_all(initial.iter().map(|p| p.wait_ready()));
         tokio::select! {
             _ = first_rounds => {
                 info!("first health-check round done for every pool; opening listeners");
@@ -187,7 +256,7 @@ impl BackgroundService for HealthService {
                 break;
             }
         }
-        for (_, task) in lock(&checks.loops).drain() {
+        for (_, task) in lock(&checks.inner).running.drain() {
             task.abort();
         }
     }

@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use prometheus::IntGauge;
+use tokio::sync::watch;
 
 use crate::config::ListenerSettings;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
-use crate::pool::{Member, Pool};
+use crate::pool::{Backend, CloseCause, Member, Pool};
 use crate::relay::socket::{self, Socket};
 use crate::relay::{self, End, Meter};
 
@@ -104,34 +105,34 @@ pub struct ListenerApp {
     name: String,
     pool: Arc<Pool>,
     max_connections: Option<usize>,
+    /// Clients being served, kept across reloads (`max_connections` reads it).
+    active: Arc<AtomicI64>,
+    /// Ports this listener is bound on: a backend on one of them may be the
+    /// listener itself.
+    ports: Vec<u16>,
     relay: relay::Options,
     metrics: ListenerMetrics,
     no_backend_log: LogLimiter,
     limit_log: LogLimiter,
+    loop_log: LogLimiter,
 }
 
-/// Counts a connection in the listener's active gauge until dropped.
-struct Held<'a>(&'a IntGauge);
+/// Counts a client in the listener's count and gauge until dropped.
+struct Held<'a>(&'a AtomicI64, &'a IntGauge);
 
 impl<'a> Held<'a> {
-    fn new(gauge: &'a IntGauge) -> Self {
+    /// Count one more; the count including it.
+    fn new(count: &'a AtomicI64, gauge: &'a IntGauge) -> (Self, i64) {
+        let n = count.fetch_add(1, Relaxed) + 1;
         gauge.inc();
-        Held(gauge)
+        (Held(count, gauge), n)
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// Decrements a gauge when dropped.
-struct Pending<'a>(&'a IntGauge);
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
+        self.0.fetch_sub(1, Relaxed);
+        self.1.dec();
     }
 }
 
@@ -140,7 +141,11 @@ struct Attempts {
     left: usize,
     tried: Vec<Arc<Member>>,
     ids: Vec<usize>,
+    /// Backends whose failure this client already counted for passive health.
+    blamed: Vec<usize>,
     turn: usize,
+    /// A backend turned out to be this listener itself.
+    looped: bool,
 }
 
 impl Attempts {
@@ -149,7 +154,9 @@ impl Attempts {
             left: limit,
             tried: Vec::new(),
             ids: Vec::new(),
+            blamed: Vec::new(),
             turn: 0,
+            looped: false,
         }
     }
 
@@ -159,6 +166,17 @@ impl Attempts {
             self.ids.push(id);
             self.tried.push(Arc::clone(member));
         }
+    }
+
+    /// Whether this is the first failure of `backend` for this client: a
+    /// client retrying one backend counts once for passive health.
+    fn first_failure(&mut self, backend: &Arc<Backend>) -> bool {
+        let id = backend.id();
+        if self.blamed.contains(&id) {
+            return false;
+        }
+        self.blamed.push(id);
+        true
     }
 
     /// With every candidate tried, the tried ones that still serve, in turn.
@@ -180,9 +198,23 @@ impl Attempts {
 enum Refusal {
     /// Every candidate failed, or there was none.
     NoBackend,
+    /// The only candidates were this listener itself.
+    Loop,
     /// This process is out of file descriptors.
     OutOfFds,
 }
+
+/// A backend connection ready for a session.
+struct Connected {
+    member: Arc<Member>,
+    socket: Socket,
+    /// Sees the pool close the backend's sessions, from before the connect.
+    closing: Option<watch::Receiver<Option<CloseCause>>>,
+}
+
+/// The longest time after a connect in which a backend closing a session
+/// the client has not used yet moves the client to another backend.
+pub const UNUSED_WINDOW_MAX: Duration = Duration::from_millis(500);
 
 /// The tail of a rate-limited log line.
 fn since_last(skipped: u64) -> String {
@@ -208,19 +240,32 @@ fn is_local_resource_error(e: &io::Error) -> bool {
 }
 
 impl ListenerApp {
-    /// Serve the listener `settings` from `pool`.
-    pub fn new(settings: &ListenerSettings, pool: Arc<Pool>, metrics: ListenerMetrics) -> Self {
+    /// Serve the listener `settings` from `pool`. `active` counts its
+    /// clients and outlives reloads.
+    pub fn new(
+        settings: &ListenerSettings,
+        pool: Arc<Pool>,
+        metrics: ListenerMetrics,
+        active: Arc<AtomicI64>,
+    ) -> Self {
+        let connect_timeout = pool.generation().settings.connect_timeout;
+        let mut ports: Vec<u16> = settings.bind.iter().map(SocketAddr::port).collect();
+        ports.dedup();
         ListenerApp {
             name: settings.name.clone(),
             pool,
             max_connections: settings.max_connections,
+            active,
+            ports,
             relay: relay::Options {
                 idle_timeout: settings.idle_timeout,
                 splice: settings.splice,
+                unused_window: connect_timeout.min(UNUSED_WINDOW_MAX),
             },
             metrics,
             no_backend_log: LogLimiter::new(),
             limit_log: LogLimiter::new(),
+            loop_log: LogLimiter::new(),
         }
     }
 
@@ -249,9 +294,9 @@ impl ListenerApp {
     /// Admit a client, connect it to a backend and relay until it is done.
     async fn serve(&self, client: Socket) {
         let m = &self.metrics;
-        let _held = Held::new(&m.active);
+        let (_held, open) = Held::new(&self.active, &m.active);
         if let Some(max) = self.max_connections {
-            if m.active.get() > max as i64 {
+            if open > max as i64 {
                 m.rejected_max_connections.inc();
                 if let Some(skipped) = self.limit_log.allow() {
                     warn!(
@@ -278,15 +323,20 @@ impl ListenerApp {
         loop {
             // Boxed: the connect state is short-lived and must not size the
             // future every idle connection keeps.
-            let (member, upstream) = match Box::pin(self.connect(&key, &mut attempts)).await {
+            let connected = match Box::pin(self.connect(&client, &key, &mut attempts)).await {
                 Ok(connected) => connected,
                 Err(refusal) => {
                     self.refuse(refusal);
                     return;
                 }
             };
+            let Connected {
+                member,
+                socket: upstream,
+                closing,
+            } = connected;
             let backend = &member.backend;
-            let pending = Pending(&backend.metrics.connections_active);
+            let _open = backend.open_connection();
             let up = Meter {
                 listener: &m.bytes_in,
                 backend: &backend.metrics.bytes_in,
@@ -297,33 +347,29 @@ impl ListenerApp {
                 backend: &backend.metrics.bytes_out,
                 spliced: &m.spliced,
             };
-            // Watch for the pool closing this backend's sessions, if it ever does.
-            let closer = self
-                .pool
-                .generation()
-                .closes_sessions()
-                .then(|| backend.closer.notified());
             let abort = async move {
-                match closer {
-                    Some(notified) => notified.await,
+                match closing {
+                    Some(mut closing) => {
+                        // A close since the subscription counts too.
+                        let _ = closing.changed().await;
+                    }
                     None => std::future::pending().await,
                 }
             };
             let (end, totals) =
                 relay::relay_tcp(&client, &upstream, self.relay, up, down, abort).await;
             if let End::Unused(e) = &end {
-                // The backend went away before the session began: as good as a
-                // failed connect, and the client never noticed. Try another.
-                backend
-                    .metrics
-                    .connect_errors(ConnectErrorKind::Other)
-                    .inc();
-                self.pool.observe_connect(backend, false, e);
+                // The backend closed right after the connect, before the
+                // client sent a byte: the client never noticed, so another
+                // backend may take it. It was counted as a connection; the
+                // failure counts once per client for passive health.
+                if attempts.first_failure(backend) {
+                    self.pool.observe_connect(backend, false, e);
+                }
                 debug!(
-                    "listener {}: {} closed before the session began ({e}); trying another",
+                    "listener {}: {} closed the connection before the session began ({e}); trying another",
                     self.name, backend.address
                 );
-                drop(pending);
                 continue;
             }
             m.duration.observe(started.elapsed().as_secs_f64());
@@ -364,6 +410,7 @@ impl ListenerApp {
                     );
                 }
             }
+            Refusal::Loop => self.metrics.rejected_loop.inc(),
             Refusal::OutOfFds => {
                 self.metrics.rejected_fd_limit.inc();
                 if let Some(skipped) = self.no_backend_log.allow() {
@@ -380,37 +427,62 @@ impl ListenerApp {
     /// Connect to a backend, trying candidates while `attempts` last.
     async fn connect(
         &self,
+        client: &Socket,
         key: &[u8],
         attempts: &mut Attempts,
-    ) -> Result<(Arc<Member>, Socket), Refusal> {
+    ) -> Result<Connected, Refusal> {
         let pool = &self.pool;
-        let timeout = pool.generation().settings.connect_timeout;
+        let generation = pool.generation();
+        let timeout = generation.settings.connect_timeout;
+        let watch_closing = generation.closes_sessions();
+        drop(generation);
         while attempts.left > 0 {
             attempts.left -= 1;
             // Prefer a backend not tried yet; with none left, retry the tried ones in turn.
             let pick = pool.pick(key, &attempts.ids).or_else(|| attempts.again());
             let Some((member, addr)) = pick else { break };
             attempts.record(&member);
-            let backend = &member.backend;
-            backend.metrics.connections_active.inc();
+            let backend = Arc::clone(&member.backend);
+            let backend = &backend;
+            // Before connecting: a close decided while the connect runs must
+            // still reach this session.
+            let closing = watch_closing.then(|| backend.watch_closing());
+            let _opening = backend.open_connection();
             let started = Instant::now();
             match Self::connect_to(addr, timeout).await {
-                Ok(stream) => {
+                Ok(socket) if self.is_loop(client, &socket, addr) => {
+                    attempts.looped = true;
+                    if let Some(skipped) = self.loop_log.allow() {
+                        error!(
+                            "listener {}: backend {} of pool {} is this listener itself; fix the configuration{}",
+                            self.name,
+                            backend.address,
+                            pool.name,
+                            since_last(skipped)
+                        );
+                    }
+                    if attempts.first_failure(backend) {
+                        pool.observe_connect(backend, false, &"the backend is sluice itself");
+                    }
+                }
+                Ok(socket) => {
                     backend
                         .metrics
                         .connect_duration
                         .observe(started.elapsed().as_secs_f64());
                     backend.metrics.connections.inc();
                     pool.observe_connect(backend, true, &"");
-                    return Ok((member, stream));
+                    return Ok(Connected {
+                        member,
+                        socket,
+                        closing,
+                    });
                 }
                 Err((_, e)) if is_local_resource_error(&e) => {
                     // Says nothing about the backend, and every other would fail alike.
-                    backend.metrics.connections_active.dec();
                     return Err(Refusal::OutOfFds);
                 }
                 Err((kind, e)) => {
-                    backend.metrics.connections_active.dec();
                     backend.metrics.connect_errors(kind).inc();
                     debug!(
                         "listener {}: connect to {} ({addr}) failed ({}): {e}",
@@ -418,11 +490,33 @@ impl ListenerApp {
                         backend.address,
                         kind.as_str()
                     );
-                    pool.observe_connect(backend, false, &e);
+                    if attempts.first_failure(backend) {
+                        pool.observe_connect(backend, false, &e);
+                    }
                 }
             }
         }
-        Err(Refusal::NoBackend)
+        Err(if attempts.looped {
+            Refusal::Loop
+        } else {
+            Refusal::NoBackend
+        })
+    }
+
+    /// Whether `upstream`, just connected to `addr`, leads back to the
+    /// address `client` came in on: sluice proxying to itself. Only a
+    /// backend on one of the listener's ports can be, so others cost nothing.
+    fn is_loop(&self, client: &Socket, upstream: &Socket, addr: SocketAddr) -> bool {
+        if !self.ports.contains(&addr.port()) {
+            return false;
+        }
+        match (
+            upstream.get_ref().peer_addr(),
+            client.get_ref().local_addr(),
+        ) {
+            (Ok(peer), Ok(local)) => peer == local,
+            _ => false,
+        }
     }
 
     /// One connect to `addr` within `timeout`.

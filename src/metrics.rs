@@ -31,6 +31,8 @@ pub enum RejectReason {
     MaxConnections,
     /// The process ran out of file descriptors.
     FdLimit,
+    /// The backend picked was this listener itself (a proxy loop).
+    Loop,
 }
 
 impl RejectReason {
@@ -40,6 +42,7 @@ impl RejectReason {
             RejectReason::NoBackend => "no_backend",
             RejectReason::MaxConnections => "max_connections",
             RejectReason::FdLimit => "fd_limit",
+            RejectReason::Loop => "loop",
         }
     }
 }
@@ -104,6 +107,8 @@ pub struct ListenerMetrics {
     pub rejected_max_connections: IntCounter,
     /// Refused for lack of file descriptors.
     pub rejected_fd_limit: IntCounter,
+    /// Refused because the backend was sluice itself.
+    pub rejected_loop: IntCounter,
     /// Bytes from clients to backends.
     pub bytes_in: IntCounter,
     /// Bytes from backends to clients.
@@ -389,6 +394,9 @@ impl Metrics {
             rejected_fd_limit: self
                 .listener_rejected
                 .with_label_values(&[name, RejectReason::FdLimit.as_str()]),
+            rejected_loop: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::Loop.as_str()]),
             bytes_in: self.listener_bytes.with_label_values(&[name, "in"]),
             bytes_out: self.listener_bytes.with_label_values(&[name, "out"]),
             duration: self.connection_duration.with_label_values(&[name]),
@@ -454,6 +462,7 @@ impl Metrics {
             RejectReason::NoBackend,
             RejectReason::MaxConnections,
             RejectReason::FdLimit,
+            RejectReason::Loop,
         ] {
             let _ = self
                 .listener_rejected

@@ -1,165 +1,54 @@
-//! A pool of backends: health state, who serves, and picking one per client.
+//! A pool of backends at run time: feeds observations to the decision core
+//! and carries out what it decides.
 //!
-//! Health results arrive from the active checks ([`crate::health`]) and from
-//! real traffic (failed connects, when `health_check.passive` is on). After
-//! each change the pool works out which backends serve new connections (its
-//! *serving set*) according to its mode:
+//! Every decision (health, who serves, who takes the writes, which sessions
+//! close) is made by the pure [`core::step`]. [`Pool::handle`] runs it under
+//! the pool's lock and applies its effects: it mirrors the state into plain
+//! atomics that the data path reads without a lock (a backend's health and
+//! role, a member's serving flag), publishes the serving set to the
+//! pingora-load-balancing selector ([`selection`]), updates metrics (which
+//! only mirror the state, never drive it), writes the log, and wakes the
+//! sessions that must close. Changes that concern other pools (a role seen
+//! on a shared address, where the writes go) reach them after the lock is
+//! released, through the process-wide [`roles::RoleBook`].
 //!
-//! - `active_active`: every up non-backup backend; when none is up, every up
-//!   backup.
-//! - `active_passive`: one backend, the first up in list order; with
-//!   `failback: manual` the current one keeps serving until it fails.
-//!
-//! The serving set is published to a pingora-load-balancing `LoadBalancer`
-//! (see [`selection`]) that spreads clients over it by the pool's algorithm.
 //! When every serving backend refuses a client, [`Pool::pick`] falls back to
-//! any other up backend, so one bad connect is never a client-visible failure
-//! while something healthy remains.
+//! any other up backend (pools without a role requirement), so one bad
+//! connect is never a client-visible failure while something healthy remains.
 //!
 //! A pool outlives reloads: [`Pool::reconfigure`] swaps in a new
 //! [`Generation`] (settings and members) and keeps each [`Backend`] whose
 //! address stays, with its health, counters and open connections.
 
+pub mod core;
+pub mod roles;
 pub mod selection;
+
+#[cfg(test)]
+mod proptests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use log::{error, info, warn};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::check::Role;
-use crate::config::{Failback, HostPort, Mode, PoolSettings, RoleRequirement, SessionPolicy};
+use crate::config::{HostPort, Mode, PoolSettings, RoleRequirement};
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics};
+pub use core::{CloseCause, Health, Key, MoveError};
+use core::{Effect, Event, Spec};
+use roles::RoleBook;
 use selection::Selector;
 
-/// What health checks say about a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Health {
-    /// No result yet: not trusted.
-    Unknown = 0,
-    /// Passing its checks.
-    Up = 1,
-    /// Failing its checks.
-    Down = 2,
-}
-
-impl Health {
-    fn from_u8(v: u8) -> Health {
-        match v {
-            1 => Health::Up,
-            2 => Health::Down,
-            _ => Health::Unknown,
-        }
-    }
-
-    /// Lower-case name, as shown by the admin API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Up => "up",
-            Health::Down => "down",
-        }
-    }
-}
-
-/// Consecutive-result tracking for one backend.
-#[derive(Clone, Debug)]
-pub struct Tracker {
-    state: Health,
-    successes: u32,
-    failures: u32,
-    /// The role in force, and a different one being confirmed with its streak.
-    role: Option<Role>,
-    candidate: Option<(Role, u32)>,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker {
-            state: Health::Unknown,
-            successes: 0,
-            failures: 0,
-            role: None,
-            candidate: None,
-        }
-    }
-}
-
-impl Tracker {
-    /// Record one result; returns the new state when it changed. The first
-    /// result decides; after that `fall` failures in a row mark down and
-    /// `rise` successes in a row mark up.
-    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Health> {
-        if ok {
-            self.successes = self.successes.saturating_add(1);
-            self.failures = 0;
-        } else {
-            self.failures = self.failures.saturating_add(1);
-            self.successes = 0;
-        }
-        let next = match self.state {
-            Health::Unknown if ok => Health::Up,
-            Health::Unknown => Health::Down,
-            Health::Up if !ok && self.failures >= fall => Health::Down,
-            Health::Down if ok && self.successes >= rise => Health::Up,
-            same => same,
-        };
-        (next != self.state).then(|| {
-            self.state = next;
-            next
-        })
-    }
-
-    /// Force a state (a passive mark-down), starting the streaks afresh.
-    fn force(&mut self, state: Health) {
-        *self = Tracker {
-            state,
-            ..Tracker::default()
-        };
-    }
-
-    /// Record the role a successful check reported; returns the role in
-    /// force when it changed. The first report decides. Giving up `primary`
-    /// takes effect at once (writes must stop); taking it on needs `rise`
-    /// reports in a row, so a flapping node cannot grab the writes.
-    pub fn observe_role(&mut self, reported: Option<Role>, rise: u32) -> Option<Option<Role>> {
-        let Some(reported) = reported else {
-            self.candidate = None;
-            return self.role.take().map(|_| None);
-        };
-        if self.role == Some(reported) {
-            self.candidate = None;
-            return None;
-        }
-        let streak = match self.candidate {
-            Some((r, n)) if r == reported => n.saturating_add(1),
-            _ => 1,
-        };
-        let at_once = self.role.is_none() || self.role == Some(Role::Primary);
-        if at_once || streak >= rise {
-            self.role = Some(reported);
-            self.candidate = None;
-            Some(self.role)
-        } else {
-            self.candidate = Some((reported, streak));
-            None
-        }
-    }
-
-    /// Forget the role (the backend went down: its next answer decides).
-    fn clear_role(&mut self) -> bool {
-        self.candidate = None;
-        self.role.take().is_some()
-    }
-
-    /// Consecutive results that agree with the last one.
-    pub fn streak(&self) -> u32 {
-        self.successes.max(self.failures)
+fn health_from_u8(v: u8) -> Health {
+    match v {
+        1 => Health::Up,
+        2 => Health::Down,
+        _ => Health::Unknown,
     }
 }
 
@@ -176,39 +65,62 @@ fn role_code(role: Option<Role>) -> u8 {
     }
 }
 
+/// Ignore lock poisoning: every value behind a lock here stays consistent
+/// between statements, so a panic elsewhere cannot leave it half-written.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A backend, kept across reloads while its address stays in the pool.
 pub struct Backend {
     /// The address as configured.
     pub address: HostPort,
+    /// The same, as the decision core names it.
+    pub key: Key,
     /// Labelled metric handles.
     pub metrics: BackendMetrics,
     resolved: Mutex<Option<SocketAddr>>,
     health: AtomicU8,
-    /// [`role_code`] of the role in force.
+    /// [`role_code`] of the role shown.
     role: AtomicU8,
-    tracker: Mutex<Tracker>,
-    passive_failures: AtomicU32,
-    /// Wakes the connections to this backend that must close.
-    pub closer: Notify,
+    /// Whether failed connects are being counted (successes must reset them).
+    passive_counting: AtomicBool,
+    /// Connections open or being opened to it (least-connections reads it).
+    open: AtomicI64,
+    /// Changes each time the pool closes this backend's sessions. A session
+    /// subscribes before it connects, so a close decided while it connects
+    /// still reaches it.
+    closing: watch::Sender<Option<CloseCause>>,
+}
+
+/// One connection to a backend, counted while it lives.
+pub struct OpenConnection<'a>(&'a Backend);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+        self.0.metrics.connections_active.dec();
+    }
 }
 
 impl Backend {
     fn new(pool: &str, address: &HostPort, metrics: &Metrics) -> Arc<Backend> {
         Arc::new(Backend {
             address: address.clone(),
+            key: Arc::from(address.as_str()),
             metrics: metrics.backend(pool, address.as_str()),
             resolved: Mutex::new(address.socket_addr()),
             health: AtomicU8::new(Health::Unknown as u8),
             role: AtomicU8::new(ROLE_UNKNOWN),
-            tracker: Mutex::new(Tracker::default()),
-            passive_failures: AtomicU32::new(0),
-            closer: Notify::new(),
+            passive_counting: AtomicBool::new(false),
+            open: AtomicI64::new(0),
+            closing: watch::Sender::new(None),
         })
     }
 
     /// Current health.
     pub fn health(&self) -> Health {
-        Health::from_u8(self.health.load(Relaxed))
+        health_from_u8(self.health.load(Relaxed))
     }
 
     /// The role it reports, when its check tells one and it is up.
@@ -218,12 +130,6 @@ impl Backend {
             ROLE_REPLICA => Some(Role::Replica),
             _ => None,
         }
-    }
-
-    fn store_role(&self, role: Option<Role>) {
-        let code = role_code(role);
-        self.role.store(code, Relaxed);
-        self.metrics.set_role(usize::from(code));
     }
 
     /// The address it resolved to at the last check.
@@ -238,6 +144,29 @@ impl Backend {
     /// Identity for "already tried" lists.
     pub fn id(self: &Arc<Self>) -> usize {
         Arc::as_ptr(self) as usize
+    }
+
+    /// Connections open or being opened to it.
+    pub fn open_connections(&self) -> i64 {
+        self.open.load(Relaxed)
+    }
+
+    /// Watch for the pool closing this backend's sessions: the receiver
+    /// sees every close from now on.
+    pub fn watch_closing(&self) -> watch::Receiver<Option<CloseCause>> {
+        self.closing.subscribe()
+    }
+
+    /// Close every session to it that watches.
+    pub fn close_sessions(&self, cause: CloseCause) {
+        self.closing.send_replace(Some(cause));
+    }
+
+    /// Count a connection (being opened) until the guard drops.
+    pub fn open_connection(&self) -> OpenConnection<'_> {
+        self.open.fetch_add(1, Relaxed);
+        self.metrics.connections_active.inc();
+        OpenConnection(self)
     }
 }
 
@@ -265,6 +194,8 @@ impl Member {
 pub struct Generation {
     /// The pool's settings.
     pub settings: PoolSettings,
+    /// The same, as the decision core reads them.
+    pub spec: Spec,
     /// Members in configured order.
     pub members: Vec<Arc<Member>>,
     selector: Selector,
@@ -278,6 +209,10 @@ impl Generation {
             .find(|m| std::ptr::eq(&*m.backend, backend))
     }
 
+    fn member_by_key(&self, key: &str) -> Option<&Arc<Member>> {
+        self.members.iter().find(|m| &*m.backend.key == key)
+    }
+
     /// Whether selection needs the client address.
     pub fn needs_client_key(&self) -> bool {
         self.settings.algorithm == crate::config::Algorithm::SourceHash
@@ -286,38 +221,8 @@ impl Generation {
 
     /// Whether new connections should watch for their backend closing.
     pub fn closes_sessions(&self) -> bool {
-        let s = &self.settings;
-        s.on_backend_down == SessionPolicy::Close
-            || (s.on_failback == SessionPolicy::Close && s.mode == Mode::ActivePassive)
-            || s.role == RoleRequirement::Primary
+        self.spec.closes_sessions()
     }
-}
-
-/// The tier serving an active_active pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tier {
-    Primary,
-    Backup,
-}
-
-/// Decisions that change only under the pool's lock.
-#[derive(Default)]
-struct Control {
-    /// active_passive: the serving backend.
-    active: Option<Arc<Backend>>,
-    /// The last serving backend (active_passive) or tier (active_active), kept
-    /// across an outage so that recovering elsewhere counts as a failover.
-    last_active: Option<Arc<Backend>>,
-    last_tier: Option<Tier>,
-    /// Serving set as published to the selector, as (backend id, address).
-    published: Vec<(usize, SocketAddr)>,
-    /// Whether an empty serving set was already reported.
-    reported_empty: bool,
-    /// The backend writes go to (role-aware pools), kept while it is down so
-    /// that a returning old primary cannot take over from it.
-    primary: Option<Arc<Backend>>,
-    /// Backends claiming primary when the conflict was last reported.
-    conflict: Vec<String>,
 }
 
 /// A pool of backends.
@@ -326,39 +231,11 @@ pub struct Pool {
     pub name: String,
     metrics: PoolMetrics,
     generation: ArcSwap<Generation>,
-    control: Mutex<Control>,
-    first_round_done: AtomicBool,
-    ready: Notify,
-}
-
-/// Why an operator's request to move traffic was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MoveError {
-    /// The pool does not pick one active backend.
-    #[error("pool `{0}` is active_active; only active_passive pools have one active backend")]
-    NotActivePassive(String),
-    /// Auto failback would undo the move at once.
-    #[error(
-        "pool `{0}` has failback: auto, so traffic always returns to the first healthy backend"
-    )]
-    AutoFailback(String),
-    /// No backend has that address.
-    #[error("pool `{pool}` has no backend `{backend}`")]
-    UnknownBackend {
-        /// The pool.
-        pool: String,
-        /// The requested address.
-        backend: String,
-    },
-    /// The backend is not up.
-    #[error("backend `{0}` is not up")]
-    NotUp(String),
-}
-
-/// Take a lock even if a panicking thread poisoned it; the data stays consistent
-/// because every critical section here is panic-free.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    core: Mutex<core::State>,
+    roles: Arc<RoleBook>,
+    ready: AtomicBool,
+    ready_notify: Notify,
+    conflicts: AtomicU32,
 }
 
 fn generation(
@@ -386,22 +263,36 @@ fn generation(
         .collect();
     Generation {
         settings: settings.clone(),
+        spec: Spec::of(settings),
         members,
         selector: Selector::new(settings.algorithm),
     }
 }
 
+/// What a step leaves to do once the pool's lock is released.
+#[derive(Default)]
+struct After {
+    writes: Option<Option<Key>>,
+}
+
 impl Pool {
-    /// Build a pool from its settings; every backend starts `Unknown`.
-    pub fn new(settings: &PoolSettings, metrics: &Metrics) -> Arc<Pool> {
-        Arc::new(Pool {
+    /// A pool for `settings`; every backend starts `unknown` and nothing
+    /// serves until health checks report. `roles` is the process's role view.
+    pub fn new(settings: &PoolSettings, metrics: &Metrics, roles: &Arc<RoleBook>) -> Arc<Pool> {
+        let generation = generation(settings, metrics, &HashMap::new());
+        let pool = Arc::new(Pool {
             name: settings.name.clone(),
             metrics: metrics.pool(&settings.name),
-            generation: ArcSwap::from_pointee(generation(settings, metrics, &HashMap::new())),
-            control: Mutex::new(Control::default()),
-            first_round_done: AtomicBool::new(false),
-            ready: Notify::new(),
-        })
+            core: Mutex::new(core::State::new(&generation.spec)),
+            generation: ArcSwap::from_pointee(generation),
+            roles: Arc::clone(roles),
+            ready: AtomicBool::new(false),
+            ready_notify: Notify::new(),
+            conflicts: AtomicU32::new(0),
+        });
+        roles.register(&pool);
+        pool.adopt_shared_view();
+        pool
     }
 
     /// The current settings and members.
@@ -409,79 +300,237 @@ impl Pool {
         self.generation.load_full()
     }
 
+    /// Run the decision core on `event` and carry out its effects.
+    fn handle(&self, event: Event) {
+        let after = {
+            let mut state = lock(&self.core);
+            let generation = self.generation.load_full();
+            self.step(&mut state, &generation, event)
+        };
+        self.finish(after);
+    }
+
+    /// One step under the lock: the core decides, the effects are mirrored.
+    fn step(&self, state: &mut core::State, generation: &Generation, event: Event) -> After {
+        let (next, effects) = core::step(
+            &self.name,
+            &generation.spec,
+            std::mem::take(state),
+            event,
+            Instant::now(),
+        );
+        *state = next;
+        let mut after = After::default();
+        for effect in effects {
+            self.apply(generation, effect, &mut after);
+        }
+        after
+    }
+
+    fn apply(&self, generation: &Generation, effect: Effect, after: &mut After) {
+        let backend = |key: &str| generation.member_by_key(key).map(|m| &m.backend);
+        match effect {
+            Effect::Log(level, line) => log::log!(level, "{line}"),
+            Effect::Health {
+                key,
+                health,
+                transition,
+            } => {
+                if let Some(b) = backend(&key) {
+                    b.health.store(health as u8, Relaxed);
+                    b.metrics.up.set(i64::from(health == Health::Up));
+                    if transition {
+                        match health {
+                            Health::Up => b.metrics.to_up.inc(),
+                            Health::Down => b.metrics.to_down.inc(),
+                            Health::Unknown => {}
+                        }
+                    }
+                }
+            }
+            Effect::Role { key, role } => {
+                if let Some(b) = backend(&key) {
+                    let code = role_code(role);
+                    b.role.store(code, Relaxed);
+                    b.metrics.set_role(usize::from(code));
+                }
+            }
+            Effect::Serving(serving) => {
+                for m in &generation.members {
+                    let on = serving.iter().any(|(k, _)| *k == m.backend.key);
+                    m.serving.store(on, Relaxed);
+                    m.backend.metrics.active.set(i64::from(on));
+                }
+                generation.selector.publish(
+                    serving
+                        .iter()
+                        .filter_map(|(k, addr)| {
+                            generation.member_by_key(k).map(|m| (*addr, Arc::clone(m)))
+                        })
+                        .collect(),
+                );
+            }
+            Effect::Close { key, cause } => {
+                if let Some(b) = backend(&key) {
+                    b.close_sessions(cause);
+                }
+            }
+            Effect::Failover => self.metrics.failovers.inc(),
+            Effect::Conflicts(n) => {
+                self.conflicts.store(n, Relaxed);
+                self.metrics.conflicts.set(i64::from(n));
+            }
+            Effect::Writes(to) => after.writes = Some(to),
+            Effect::Ready => {
+                self.ready.store(true, Relaxed);
+                self.ready_notify.notify_waiters();
+            }
+            Effect::Passive { key, counting } => {
+                if let Some(b) = backend(&key) {
+                    b.passive_counting.store(counting, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// What a step left for after the lock: tell the read pools that follow
+    /// this pool's writes.
+    fn finish(&self, after: After) {
+        let Some(to) = after.writes else {
+            return;
+        };
+        let members: Vec<Key> = self
+            .generation()
+            .members
+            .iter()
+            .map(|m| Arc::clone(&m.backend.key))
+            .collect();
+        self.roles.set_writes(&self.name, members, to);
+        for pool in self.roles.pools() {
+            if !std::ptr::eq(&*pool, self) && pool.follows_writes() {
+                pool.refresh_follow();
+            }
+        }
+    }
+
+    fn follows_writes(&self) -> bool {
+        let s = &self.generation().settings;
+        s.role == RoleRequirement::Replica && s.fallback_to_primary
+    }
+
+    /// Look up whom this read pool follows again.
+    fn refresh_follow(&self) {
+        if !self.follows_writes() {
+            return;
+        }
+        let after = {
+            let mut state = lock(&self.core);
+            let generation = self.generation.load_full();
+            let keys: Vec<Key> = generation
+                .spec
+                .members
+                .iter()
+                .map(|m| Arc::clone(&m.key))
+                .collect();
+            let follow = self.roles.follow(&self.name, &keys);
+            if state.follow == follow {
+                return;
+            }
+            self.step(&mut state, &generation, Event::Follow(follow))
+        };
+        self.finish(after);
+    }
+
+    /// Take the roles the process already knows for this pool's members,
+    /// and whom to follow.
+    fn adopt_shared_view(&self) {
+        let generation = self.generation();
+        for m in &generation.members {
+            let role = self.roles.role(&m.backend.key);
+            if role.is_some() {
+                self.handle(Event::Role {
+                    key: Arc::clone(&m.backend.key),
+                    role,
+                });
+            }
+        }
+        self.refresh_follow();
+    }
+
     /// Apply new settings, keeping every backend whose address stays (with
     /// its health, counters and connections). Returns the backends that left.
     pub fn reconfigure(&self, settings: &PoolSettings, metrics: &Metrics) -> Vec<Arc<Backend>> {
-        let mut ctl = lock(&self.control);
-        let old = self.generation.load_full();
-        let keep: HashMap<String, Arc<Backend>> = old
-            .members
-            .iter()
-            .map(|m| {
-                (
-                    m.backend.address.as_str().to_string(),
-                    Arc::clone(&m.backend),
-                )
-            })
-            .collect();
-        let next = generation(settings, metrics, &keep);
-        let gone = old
-            .members
-            .iter()
-            .filter(|m| next.member(&m.backend).is_none())
-            .map(|m| Arc::clone(&m.backend))
-            .collect();
-        self.generation.store(Arc::new(next));
-        // The new selector starts empty: publish afresh.
-        ctl.published.clear();
-        if ctl
-            .active
-            .as_ref()
-            .is_some_and(|a| self.generation.load().member(a).is_none())
-        {
-            ctl.active = None;
+        let (gone, after) = {
+            let mut state = lock(&self.core);
+            let old = self.generation.load_full();
+            let keep: HashMap<String, Arc<Backend>> = old
+                .members
+                .iter()
+                .map(|m| {
+                    (
+                        m.backend.address.as_str().to_string(),
+                        Arc::clone(&m.backend),
+                    )
+                })
+                .collect();
+            let next = Arc::new(generation(settings, metrics, &keep));
+            let gone = old
+                .members
+                .iter()
+                .filter(|m| next.member(&m.backend).is_none())
+                .map(|m| Arc::clone(&m.backend))
+                .collect();
+            self.generation.store(Arc::clone(&next));
+            let after = self.step(&mut state, &next, Event::Reconfigured);
+            (gone, after)
+        };
+        self.finish(after);
+        if settings.role != RoleRequirement::Primary {
+            self.roles.forget_writes(&self.name);
+            for pool in self.roles.pools() {
+                pool.refresh_follow();
+            }
         }
-        if ctl
-            .primary
-            .as_ref()
-            .is_some_and(|p| self.generation.load().member(p).is_none())
-        {
-            ctl.primary = None;
-        }
-        self.recompute(&mut ctl);
+        self.adopt_shared_view();
         gone
+    }
+
+    /// The pool left the configuration: it decides nothing for others any
+    /// more, and nobody waits for its first round.
+    pub fn retire(&self) {
+        self.roles.forget(self);
+        for pool in self.roles.pools() {
+            pool.refresh_follow();
+        }
+        self.ready.store(true, Relaxed);
+        self.ready_notify.notify_waiters();
     }
 
     /// Backends claiming primary that the pool refuses to route to.
     pub fn conflicts(&self) -> i64 {
-        self.metrics.conflicts.get()
+        i64::from(self.conflicts.load(Relaxed))
     }
 
     /// Whether the first health-check round has finished.
     pub fn is_ready(&self) -> bool {
-        self.first_round_done.load(Relaxed)
+        self.ready.load(Relaxed)
     }
 
-    /// Record that the first health-check round has finished.
-    pub fn mark_ready(&self) {
-        let mut ctl = lock(&self.control);
-        if !self.first_round_done.swap(true, Relaxed) {
-            // `recompute` stays quiet before this point; report an empty start once here.
-            if ctl.published.is_empty() {
-                error!(
-                    "pool {}: no backend is available; clients are refused",
-                    self.name
-                );
-                ctl.reported_empty = true;
-            }
-            self.ready.notify_waiters();
-        }
+    /// Record that a health-check round has finished: after the first,
+    /// the pool is ready; after each, hold times may have run out.
+    pub fn round_done(&self) {
+        let event = if self.is_ready() {
+            Event::Tick
+        } else {
+            Event::FirstRoundDone
+        };
+        self.handle(event);
     }
 
     /// Wait until the first health-check round has finished.
     pub async fn wait_ready(&self) {
         loop {
-            let notified = self.ready.notified();
+            let notified = self.ready_notify.notified();
             if self.is_ready() {
                 return;
             }
@@ -490,471 +539,116 @@ impl Pool {
     }
 
     /// Record an active check result for `backend`: `Ok` with the address it
-    /// resolved to, or `Err` with the reason.
+    /// resolved to and the role it reported, or `Err` with the reason.
     pub fn observe_check(
         &self,
         backend: &Arc<Backend>,
         result: Result<(SocketAddr, Option<Role>), String>,
     ) {
-        let mut ctl = lock(&self.control);
-        let generation = self.generation.load();
+        let generation = self.generation();
         let hc = &generation.settings.health_check;
-        let ok = result.is_ok();
-        if ok {
-            backend.metrics.checks_success.inc();
-        } else {
-            backend.metrics.checks_failure.inc();
+        match &result {
+            Ok(_) => backend.metrics.checks_success.inc(),
+            Err(_) => backend.metrics.checks_failure.inc(),
         }
-        let mut changed = false;
-        if let Ok((addr, _)) = &result {
-            let mut slot = lock(&backend.resolved);
-            if *slot != Some(*addr) {
-                if let Some(old) = *slot {
-                    info!(
-                        "pool {}: backend {} now resolves to {addr} (was {old})",
-                        self.name, backend.address
+        let key = Arc::clone(&backend.key);
+        let mut role_changed = false;
+        let role = match &result {
+            Ok((addr, reported)) if hc.kind.reports_role() => {
+                *lock(&backend.resolved) = Some(*addr);
+                let (before, role) = self.roles.observe(&self.name, &key, *reported, hc.rise);
+                if before != role {
+                    let name = |r: Option<Role>| r.map_or("unknown", Role::as_str);
+                    log::info!(
+                        "pool {}: backend {} reports role {} (was {})",
+                        self.name,
+                        key,
+                        name(role),
+                        name(before)
                     );
+                    role_changed = true;
                 }
-                *slot = Some(*addr);
-                changed = true;
+                role
             }
-        }
-        let mut tracker = lock(&backend.tracker);
-        let was = tracker.state;
-        let role_change = match &result {
-            Ok((_, role)) => tracker.observe_role(*role, hc.rise),
-            Err(_) => None,
+            Ok((addr, _)) => {
+                *lock(&backend.resolved) = Some(*addr);
+                self.roles.role(&key)
+            }
+            Err(_) => self.roles.role(&key),
         };
-        if let Some(role) = role_change {
-            let name = |r: Option<Role>| r.map_or("unknown", Role::as_str);
-            let before = backend.role();
-            backend.store_role(role);
-            if before.is_some() || role.is_some() {
-                info!(
-                    "pool {}: backend {} reports role {} (was {})",
-                    self.name,
-                    backend.address,
-                    name(role),
-                    name(before)
-                );
-            }
-            changed = true;
-        }
-        if let Some(now) = tracker.observe(ok, hc.rise, hc.fall) {
-            let streak = tracker.streak();
-            drop(tracker);
-            match (was, now, &result) {
-                (Health::Unknown, Health::Up, _) => {
-                    info!("pool {}: backend {} is up", self.name, backend.address)
+        self.handle(Event::Check {
+            key: Arc::clone(&key),
+            result: result.map(|(addr, _)| addr),
+            role,
+        });
+        if role_changed {
+            for pool in self.roles.pools() {
+                if !std::ptr::eq(&*pool, self) {
+                    pool.role_changed(&key, role);
                 }
-                (Health::Unknown, _, Err(e)) => warn!(
-                    "pool {}: backend {} is down: {e}",
-                    self.name, backend.address
-                ),
-                (_, Health::Up, _) => info!(
-                    "pool {}: backend {} is UP after {streak} successful checks",
-                    self.name, backend.address
-                ),
-                (_, _, Err(e)) => warn!(
-                    "pool {}: backend {} is DOWN after {streak} failed checks: {e}",
-                    self.name, backend.address
-                ),
-                _ => {}
             }
-            self.set_health(&mut ctl, backend, now, was != Health::Unknown);
-            changed = true;
-        } else if let Err(e) = &result {
-            drop(tracker);
-            if backend.health() == Health::Up {
-                log::debug!(
-                    "pool {}: check of {} failed ({e}); still up",
-                    self.name,
-                    backend.address
-                );
-            }
-        }
-        if changed {
-            self.recompute(&mut ctl);
         }
     }
 
-    /// Record the outcome of a real connect to `backend` (passive health):
-    /// `fall` failures in a row mark an up backend down at once; the active
-    /// checks bring it back.
+    /// The role view changed for `key` (another pool's check).
+    fn role_changed(&self, key: &Key, role: Option<Role>) {
+        if self.generation().member_by_key(key).is_some() {
+            self.handle(Event::Role {
+                key: Arc::clone(key),
+                role,
+            });
+        }
+    }
+
+    /// Record the outcome of a real connect to `backend` (passive health).
+    /// Count one failure per client, however many times it retried this
+    /// backend; `fall` failures in a row mark an up backend down at once,
+    /// unless it is the pool's last healthy one. The active checks bring
+    /// it back.
     pub fn observe_connect(
         &self,
         backend: &Arc<Backend>,
         ok: bool,
         reason: &dyn std::fmt::Display,
     ) {
+        let key = Arc::clone(&backend.key);
         if ok {
             // The common case costs one load.
-            if backend.passive_failures.load(Relaxed) != 0 {
-                backend.passive_failures.store(0, Relaxed);
+            if backend.passive_counting.load(Relaxed) {
+                self.handle(Event::ConnectSucceeded { key });
             }
             return;
         }
-        let generation = self.generation.load();
-        let hc = &generation.settings.health_check;
-        if !hc.passive {
+        if !self.generation().settings.health_check.passive {
             return;
         }
-        let failures = backend.passive_failures.fetch_add(1, Relaxed) + 1;
-        if failures < hc.fall || backend.health() != Health::Up {
-            return;
-        }
-        let mut ctl = lock(&self.control);
-        if backend.health() != Health::Up {
-            return;
-        }
-        lock(&backend.tracker).force(Health::Down);
-        backend.passive_failures.store(0, Relaxed);
-        warn!(
-            "pool {}: backend {} is DOWN after {failures} failed connects of real traffic: {reason}",
-            self.name, backend.address
-        );
-        self.set_health(&mut ctl, backend, Health::Down, true);
-        self.recompute(&mut ctl);
-    }
-
-    /// Store a new health state, count the transition and close sessions the
-    /// pool's policy says must go.
-    fn set_health(&self, _ctl: &mut Control, backend: &Backend, now: Health, transition: bool) {
-        backend.health.store(now as u8, Relaxed);
-        if now == Health::Down {
-            // Its next answer decides its role afresh.
-            lock(&backend.tracker).clear_role();
-            backend.store_role(None);
-        }
-        backend.metrics.up.set(i64::from(now == Health::Up));
-        if transition {
-            match now {
-                Health::Up => backend.metrics.to_up.inc(),
-                Health::Down => backend.metrics.to_down.inc(),
-                Health::Unknown => {}
-            }
-        }
-        if now == Health::Down
-            && self.generation.load().settings.on_backend_down == SessionPolicy::Close
-        {
-            backend.closer.notify_waiters();
-        }
+        self.handle(Event::ConnectFailed {
+            key,
+            reason: reason.to_string(),
+        });
     }
 
     /// Make `backend` (a configured address) the active one of a
     /// `failback: manual` active_passive pool.
     pub fn make_active(&self, backend: &str) -> Result<(), MoveError> {
-        let mut ctl = lock(&self.control);
-        let generation = self.generation.load();
-        let s = &generation.settings;
-        if s.mode != Mode::ActivePassive {
-            return Err(MoveError::NotActivePassive(self.name.clone()));
-        }
-        if s.failback == Failback::Auto {
-            return Err(MoveError::AutoFailback(self.name.clone()));
-        }
-        let m = generation
-            .members
-            .iter()
-            .find(|m| m.backend.address.as_str() == backend)
-            .ok_or_else(|| MoveError::UnknownBackend {
-                pool: self.name.clone(),
-                backend: backend.to_string(),
-            })?;
-        if !m.backend.usable() {
-            return Err(MoveError::NotUp(backend.to_string()));
-        }
-        if !ctl
-            .active
-            .as_ref()
-            .is_some_and(|a| Arc::ptr_eq(a, &m.backend))
-        {
-            info!(
-                "pool {}: operator made {} the active backend",
-                self.name, m.backend.address
+        let after = {
+            let mut state = lock(&self.core);
+            let generation = self.generation.load_full();
+            core::check_make_active(&self.name, &generation.spec, &state, backend)?;
+            let key = Arc::clone(
+                &generation
+                    .member_by_key(backend)
+                    .ok_or_else(|| MoveError::UnknownBackend {
+                        pool: self.name.clone(),
+                        backend: backend.to_string(),
+                    })?
+                    .backend
+                    .key,
             );
-            ctl.active = Some(Arc::clone(&m.backend));
-            self.recompute(&mut ctl);
-        }
+            self.step(&mut state, &generation, Event::MakeActive { key })
+        };
+        self.finish(after);
         Ok(())
-    }
-
-    /// Work out the serving set, publish it, and log and count failovers.
-    fn recompute(&self, ctl: &mut Control) {
-        let generation = self.generation.load_full();
-        let eligible = self.eligible(&generation, ctl);
-        let serving: Vec<usize> = match generation.settings.mode {
-            Mode::ActiveActive => self.recompute_active_active(&generation, ctl, &eligible),
-            Mode::ActivePassive => self
-                .recompute_active_passive(&generation, ctl, &eligible)
-                .into_iter()
-                .collect(),
-        };
-        if serving.is_empty() {
-            // Before the first round ends, `mark_ready` reports it once.
-            if !ctl.reported_empty && self.is_ready() {
-                error!(
-                    "pool {}: no backend is available; clients are refused",
-                    self.name
-                );
-            }
-            ctl.reported_empty = true;
-        } else {
-            ctl.reported_empty = false;
-        }
-        for m in &generation.members {
-            let on = serving.contains(&m.index);
-            m.serving.store(on, Relaxed);
-            m.backend.metrics.active.set(i64::from(on));
-        }
-        let members: Vec<(usize, SocketAddr)> = serving
-            .iter()
-            .filter_map(|&i| {
-                let m = &generation.members[i];
-                m.backend.resolved().map(|addr| (m.backend.id(), addr))
-            })
-            .collect();
-        if members != ctl.published {
-            generation.selector.publish(
-                serving
-                    .iter()
-                    .filter_map(|&i| {
-                        let m = &generation.members[i];
-                        m.backend.resolved().map(|addr| (addr, Arc::clone(m)))
-                    })
-                    .collect(),
-            );
-            ctl.published = members;
-        }
-    }
-
-    /// Which members may serve, by index: up, and for role-aware pools
-    /// reporting the role the pool needs.
-    fn eligible(&self, generation: &Generation, ctl: &mut Control) -> Vec<bool> {
-        let settings = &generation.settings;
-        let with_role = |role: Role| -> Vec<bool> {
-            generation
-                .members
-                .iter()
-                .map(|m| m.backend.usable() && m.backend.role() == Some(role))
-                .collect()
-        };
-        let eligible = match settings.role {
-            RoleRequirement::Any => generation
-                .members
-                .iter()
-                .map(|m| m.backend.usable())
-                .collect(),
-            RoleRequirement::Primary => return self.guard_primary(generation, ctl),
-            RoleRequirement::Replica => {
-                let replicas = with_role(Role::Replica);
-                if replicas.contains(&true) || !settings.fallback_to_primary {
-                    replicas
-                } else {
-                    return self.guard_primary(generation, ctl);
-                }
-            }
-        };
-        // No primary is chosen here, so no conflict is being refused.
-        ctl.conflict.clear();
-        self.metrics.conflicts.set(0);
-        eligible
-    }
-
-    /// The one member writes may go to. With several claiming `primary`
-    /// (split brain), keep the one that was primary before, or none when
-    /// none of them was: never two.
-    fn guard_primary(&self, generation: &Generation, ctl: &mut Control) -> Vec<bool> {
-        let claimants: Vec<&Arc<Member>> = generation
-            .members
-            .iter()
-            .filter(|m| m.backend.usable() && m.backend.role() == Some(Role::Primary))
-            .collect();
-        let chosen = match claimants.as_slice() {
-            [] => None,
-            [only] => Some(Arc::clone(only)),
-            several => several
-                .iter()
-                .find(|m| {
-                    ctl.primary
-                        .as_ref()
-                        .is_some_and(|p| Arc::ptr_eq(p, &m.backend))
-                })
-                .map(|m| Arc::clone(m)),
-        };
-        let names: Vec<String> = if claimants.len() > 1 {
-            claimants
-                .iter()
-                .map(|m| m.backend.address.to_string())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if names != ctl.conflict {
-            if names.is_empty() {
-                info!(
-                    "pool {}: split brain over: one backend claims primary",
-                    self.name
-                );
-            } else {
-                match &chosen {
-                    Some(m) => error!(
-                        "pool {}: SPLIT BRAIN: {} all claim to be primary; writes stay on {}, the primary before; fix the others",
-                        self.name,
-                        names.join(", "),
-                        m.backend.address
-                    ),
-                    None => error!(
-                        "pool {}: SPLIT BRAIN: {} all claim to be primary and none was primary before; refusing writes until only one claims it",
-                        self.name,
-                        names.join(", ")
-                    ),
-                }
-            }
-            ctl.conflict = names;
-        }
-        let refused = claimants.len() - usize::from(chosen.is_some());
-        self.metrics
-            .conflicts
-            .set(i64::try_from(refused).unwrap_or(i64::MAX));
-        if let Some(m) = &chosen {
-            let previous = ctl.primary.replace(Arc::clone(&m.backend));
-            if let Some(old) = previous.filter(|old| !Arc::ptr_eq(old, &m.backend)) {
-                // Writes on the node that gave up the role would fail; end them.
-                warn!(
-                    "pool {}: primary moved from {} to {}; closing connections to {}",
-                    self.name, old.address, m.backend.address, old.address
-                );
-                old.closer.notify_waiters();
-            }
-        } else if ctl
-            .primary
-            .as_ref()
-            .is_some_and(|old| old.usable() && old.role() != Some(Role::Primary))
-        {
-            // It stepped down with no successor yet. (A primary that is merely
-            // down stays on record, so that it cannot take over from a
-            // successor when it returns.)
-            if let Some(old) = ctl.primary.take() {
-                warn!(
-                    "pool {}: {} is no longer primary; closing its connections",
-                    self.name, old.address
-                );
-                old.closer.notify_waiters();
-            }
-        }
-        generation
-            .members
-            .iter()
-            .map(|m| chosen.as_ref().is_some_and(|c| Arc::ptr_eq(c, m)))
-            .collect()
-    }
-
-    fn recompute_active_active(
-        &self,
-        generation: &Generation,
-        ctl: &mut Control,
-        eligible: &[bool],
-    ) -> Vec<usize> {
-        let up = |backup: bool| -> Vec<usize> {
-            generation
-                .members
-                .iter()
-                .filter(|m| m.backup == backup && eligible[m.index])
-                .map(|m| m.index)
-                .collect()
-        };
-        let primaries = up(false);
-        let (tier, serving) = if !primaries.is_empty() {
-            (Some(Tier::Primary), primaries)
-        } else {
-            let backups = up(true);
-            (
-                if backups.is_empty() {
-                    None
-                } else {
-                    Some(Tier::Backup)
-                },
-                backups,
-            )
-        };
-        if tier.is_some() && tier != ctl.last_tier {
-            match (ctl.last_tier, tier) {
-                (Some(Tier::Primary), Some(Tier::Backup)) => {
-                    self.metrics.failovers.inc();
-                    warn!(
-                        "pool {}: failover: every primary backend is down; backups now serve",
-                        self.name
-                    );
-                }
-                (Some(Tier::Backup), Some(Tier::Primary)) => {
-                    info!(
-                        "pool {}: failback: a primary backend is up again; backups stand by",
-                        self.name
-                    );
-                }
-                _ => {}
-            }
-            ctl.last_tier = tier;
-        }
-        serving
-    }
-
-    fn recompute_active_passive(
-        &self,
-        generation: &Generation,
-        ctl: &mut Control,
-        eligible: &[bool],
-    ) -> Option<usize> {
-        let settings = &generation.settings;
-        let first_up = generation.members.iter().find(|m| eligible[m.index]);
-        let current = ctl
-            .active
-            .as_ref()
-            .and_then(|a| generation.member(a))
-            .filter(|m| eligible[m.index]);
-        let next = match (settings.failback, current) {
-            (Failback::Manual, Some(m)) => Some(m),
-            _ => first_up,
-        };
-        ctl.active = next.map(|m| Arc::clone(&m.backend));
-        let next = next?;
-        let to = &next.backend.address;
-        match &ctl.last_active {
-            None => info!("pool {}: {to} is the active backend", self.name),
-            Some(prev) if !Arc::ptr_eq(prev, &next.backend) => {
-                let prev_qualifies = generation.member(prev).is_some_and(|m| eligible[m.index]);
-                if prev.usable() && !prev_qualifies {
-                    // Up, but without the role the pool needs (a promotion).
-                    self.metrics.failovers.inc();
-                    warn!(
-                        "pool {}: failover from {} (now {}) to {to}",
-                        self.name,
-                        prev.address,
-                        prev.role().map_or("unknown", Role::as_str)
-                    );
-                } else if prev.usable() {
-                    info!(
-                        "pool {}: {to} is the active backend again (was {})",
-                        self.name, prev.address
-                    );
-                    if settings.on_failback == SessionPolicy::Close {
-                        prev.closer.notify_waiters();
-                    }
-                } else {
-                    self.metrics.failovers.inc();
-                    warn!(
-                        "pool {}: failover from {} ({}) to {to}",
-                        self.name,
-                        prev.address,
-                        prev.health().as_str()
-                    );
-                }
-            }
-            Some(_) => {}
-        }
-        ctl.last_active = Some(Arc::clone(&next.backend));
-        Some(next.index)
     }
 
     /// Pick a backend for a client: from the serving set by the pool's
@@ -983,17 +677,37 @@ impl Pool {
         }
         None
     }
+
+    /// A copy of the decision core's state (for tests and the admin API).
+    pub fn state(&self) -> core::State {
+        lock(&self.core).clone()
+    }
 }
 
 #[cfg(test)]
 impl Pool {
-    /// Put backend `index` in state `health` directly.
+    /// Put backend `index` in state `health` directly, through the core:
+    /// as many results as it takes.
     fn force(&self, index: usize, health: Health) {
-        let mut ctl = lock(&self.control);
         let backend = Arc::clone(&self.generation.load().members[index].backend);
-        lock(&backend.tracker).force(health);
-        self.set_health(&mut ctl, &backend, health, true);
-        self.recompute(&mut ctl);
+        let addr = backend
+            .resolved()
+            .unwrap_or_else(|| "127.0.0.1:1".parse().unwrap());
+        let spec = self.generation().spec.clone();
+        let ok = health == Health::Up;
+        for _ in 0..spec.rise.max(spec.fall).max(1) {
+            if backend.health() == health {
+                break;
+            }
+            self.observe_check(
+                &backend,
+                if ok {
+                    Ok((addr, self.roles.role(&backend.key)))
+                } else {
+                    Err("forced down".to_string())
+                },
+            );
+        }
     }
 
     fn backend(&self, index: usize) -> Arc<Backend> {

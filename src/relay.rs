@@ -310,6 +310,12 @@ pub struct Options {
     pub idle_timeout: Option<Duration>,
     /// Move bytes with `splice(2)` through a pipe instead of a buffer.
     pub splice: bool,
+    /// How long after the start a backend that closes before a byte moved
+    /// counts as [`End::Unused`] (its client can be moved elsewhere). After
+    /// it, such a close is the end of the session, passed to the client:
+    /// backends close idle connections on purpose (Redis `timeout`, MySQL
+    /// `wait_timeout`).
+    pub unused_window: Duration,
 }
 
 /// Relay between two TCP sockets until both directions end, one side fails,
@@ -326,10 +332,15 @@ pub async fn relay_tcp(
     let mut c2b = Direction::new(options.splice);
     let mut b2c = Direction::new(options.splice);
     let mut timer = options.idle_timeout.map(IdleTimer::new);
+    // One clock read per session; later ones only while nothing has moved.
+    let unused_until = std::time::Instant::now() + options.unused_window;
     let end = poll_fn(|cx| {
         let mut moved = false;
-        // Nothing exchanged yet, client still there: a failing backend can be replaced.
-        let unused = |c2b: &Direction, b2c: &Direction| c2b.read == 0 && !c2b.eof && b2c.read == 0;
+        // Nothing exchanged yet, client still there, and soon after the
+        // connect: a failing backend can be replaced.
+        let unused = |c2b: &Direction, b2c: &Direction| {
+            c2b.read == 0 && !c2b.eof && b2c.read == 0 && std::time::Instant::now() < unused_until
+        };
         let failure = |side: Side, e: io::Error, unused: bool| match side {
             Side::Backend if unused => End::Unused(e),
             _ => End::Error(side, e),

@@ -173,7 +173,7 @@ impl State {
                     pools.push(Arc::clone(pool));
                 }
                 None => {
-                    let pool = Pool::new(settings, &self.metrics);
+                    let pool = Pool::new(settings, &self.metrics, &self.roles);
                     self.health.start(Arc::clone(&pool));
                     pools.push(pool);
                     summary.pools.0 += 1;

@@ -24,6 +24,7 @@ use crate::health::{HealthChecks, HealthService};
 use crate::lifecycle::{DrainService, Signals};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::pool::roles::RoleBook;
 use crate::state::State;
 use crate::traffic::{Traffic, TrafficService};
 
@@ -101,10 +102,11 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
     }
     let metrics = Arc::new(Metrics::new());
     metrics.config_loaded_now();
+    let roles = RoleBook::new();
     let pools: Vec<Arc<Pool>> = config
         .pools
         .iter()
-        .map(|p| Pool::new(p, &metrics))
+        .map(|p| Pool::new(p, &metrics, &roles))
         .collect();
     let listeners = config
         .listeners
@@ -139,6 +141,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         config,
         Arc::clone(&metrics),
         pools,
+        roles,
         Arc::clone(&traffic),
         Arc::clone(&health),
     );

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::health::HealthChecks;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::pool::roles::RoleBook;
 use crate::traffic::Traffic;
 
 /// The process's shared state.
@@ -22,6 +23,8 @@ pub struct State {
     /// The health-check loops.
     pub health: Arc<HealthChecks>,
     pub(crate) pools: ArcSwap<Vec<Arc<Pool>>>,
+    /// The role view every pool shares.
+    pub(crate) roles: Arc<RoleBook>,
     /// The configuration in force; its lock also keeps reloads one at a time.
     pub(crate) config: Mutex<Config>,
     pub(crate) path: PathBuf,
@@ -35,6 +38,7 @@ impl State {
         config: Config,
         metrics: Arc<Metrics>,
         pools: Vec<Arc<Pool>>,
+        roles: Arc<RoleBook>,
         traffic: Arc<Traffic>,
         health: Arc<HealthChecks>,
     ) -> Arc<State> {
@@ -43,6 +47,7 @@ impl State {
             traffic,
             health,
             pools: ArcSwap::from_pointee(pools),
+            roles,
             config: Mutex::new(config),
             path,
             draining: AtomicBool::new(false),

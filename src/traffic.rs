@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -84,6 +84,8 @@ pub struct Traffic {
     held: Mutex<HashSet<String>>,
     /// Set once shutdown has stopped every accept loop and closed the sockets.
     closed: watch::Sender<bool>,
+    /// Clients being served, per listener name.
+    client_counts: Mutex<HashMap<String, Arc<AtomicI64>>>,
 }
 
 /// The pingora service that hosts [`Traffic`].
@@ -114,6 +116,7 @@ impl Traffic {
             fd_log: LogLimiter::new(),
             held: Mutex::new(HashSet::new()),
             closed: watch::Sender::new(false),
+            client_counts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -289,7 +292,18 @@ impl Traffic {
     }
 
     fn app(&self, settings: &ListenerSettings, pool: Arc<Pool>) -> ListenerApp {
-        ListenerApp::new(settings, pool, self.metrics.listener(&settings.name))
+        // The client count outlives the app, which a reload replaces.
+        let active = Arc::clone(
+            lock(&self.client_counts)
+                .entry(settings.name.clone())
+                .or_default(),
+        );
+        ListenerApp::new(
+            settings,
+            pool,
+            self.metrics.listener(&settings.name),
+            active,
+        )
     }
 
     /// Wait for the pool, then accept until stopped or shut down.

@@ -166,9 +166,7 @@ pub struct LeastConnectionsIter {
 }
 
 fn load(b: &Backend) -> (u64, u64) {
-    let open = member_of(b).map_or(0, |m| {
-        m.backend.metrics.connections_active.get().max(0) as u64
-    });
+    let open = member_of(b).map_or(0, |m| m.backend.open_connections().max(0) as u64);
     (open, b.weight.max(1) as u64)
 }
 

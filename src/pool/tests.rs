@@ -1,11 +1,12 @@
 use super::*;
 use crate::config::Config;
+use roles::RoleBook;
 
 fn pool(yaml_pool: &str) -> Arc<Pool> {
     let src =
         format!("listeners: {{ l: {{ bind: 127.0.0.1:1, pool: p }} }}\npools:\n  p:\n{yaml_pool}");
     let config = Config::from_yaml(&src).unwrap();
-    Pool::new(&config.pools[0], &Metrics::new())
+    Pool::new(&config.pools[0], &Metrics::new(), &RoleBook::new())
 }
 
 fn set(p: &Pool, index: usize, h: Health) {
@@ -161,12 +162,21 @@ fn least_connections_prefers_the_least_loaded_relative_to_weight() {
     );
     set(&p, 0, Health::Up);
     set(&p, 1, Health::Up);
-    p.backend(0).metrics.connections_active.set(3);
-    p.backend(1).metrics.connections_active.set(2);
+    let (a, b) = (p.backend(0), p.backend(1));
+    let mut open: Vec<_> = (0..3).map(|_| a.open_connection()).collect();
+    open.extend((0..2).map(|_| b.open_connection()));
     // 3/2 < 2/1: the heavier-weighted backend is relatively less loaded.
     assert_eq!(picks(&p, 3), [0, 0, 0]);
-    p.backend(0).metrics.connections_active.set(5);
+    open.extend((0..2).map(|_| a.open_connection()));
     assert_eq!(picks(&p, 2), [1, 1]);
+    assert_eq!(
+        a.metrics.connections_active.get(),
+        5,
+        "the gauge mirrors the count"
+    );
+    drop(open);
+    assert_eq!(a.open_connections(), 0);
+    assert_eq!(a.metrics.connections_active.get(), 0);
 }
 
 #[test]
@@ -192,26 +202,31 @@ fn source_hash_is_stable_per_client() {
 
 #[test]
 fn first_result_decides_then_thresholds_apply() {
-    let mut t = Tracker::default();
-    assert_eq!(t.observe(true, 2, 3), Some(Health::Up));
-    assert_eq!(t.observe(false, 2, 3), None);
-    assert_eq!(t.observe(false, 2, 3), None);
+    let p = pool("    health_check: { rise: 2, fall: 3 }\n    backends: [127.0.0.1:1]");
+    let b = p.backend(0);
+    let mut seen = Vec::new();
+    for ok in [
+        true, false, false, true, false, false, false, true, false, true, true,
+    ] {
+        let result = match ok {
+            true => Ok(("127.0.0.1:1".parse().unwrap(), None)),
+            false => Err("refused".into()),
+        };
+        p.observe_check(&b, result);
+        seen.push(b.health());
+    }
+    use Health::{Down, Up};
     assert_eq!(
-        t.observe(true, 2, 3),
-        None,
-        "a success resets the failure streak"
+        seen,
+        [Up, Up, Up, Up, Up, Up, Down, Down, Down, Down, Up],
+        "first result decides; a success resets the failure streak; fall 3 down, rise 2 up"
     );
-    assert_eq!(t.observe(false, 2, 3), None);
-    assert_eq!(t.observe(false, 2, 3), None);
-    assert_eq!(t.observe(false, 2, 3), Some(Health::Down));
-    assert_eq!(t.observe(true, 2, 3), None);
-    assert_eq!(t.observe(false, 2, 3), None);
-    assert_eq!(t.observe(true, 2, 3), None);
-    assert_eq!(t.observe(true, 2, 3), Some(Health::Up));
-
-    let mut t = Tracker::default();
-    assert_eq!(t.observe(false, 1, 1), Some(Health::Down));
-    assert_eq!(t.observe(true, 1, 1), Some(Health::Up));
+    let p = pool("    health_check: { rise: 1, fall: 1 }\n    backends: [127.0.0.1:1]");
+    let b = p.backend(0);
+    p.observe_check(&b, Err("refused".into()));
+    assert_eq!(b.health(), Health::Down);
+    p.observe_check(&b, Ok(("127.0.0.1:1".parse().unwrap(), None)));
+    assert_eq!(b.health(), Health::Up);
 }
 
 #[test]
@@ -299,11 +314,13 @@ async fn marking_down_closes_sessions_when_the_pool_says_so() {
     set(&p, 1, Health::Up);
     assert!(p.generation().closes_sessions());
     let b = p.backend(0);
-    let closed = b.closer.notified();
+    let mut closing = b.watch_closing();
     set(&p, 0, Health::Down);
-    tokio::time::timeout(std::time::Duration::from_secs(1), closed)
+    tokio::time::timeout(std::time::Duration::from_secs(1), closing.changed())
         .await
-        .expect("sessions told to close");
+        .expect("sessions told to close")
+        .unwrap();
+    assert_eq!(*closing.borrow(), Some(CloseCause::BackendDown));
 }
 
 /// A role-aware pool over `n` backends 127.0.0.1:1..=n.
@@ -324,30 +341,27 @@ fn report(p: &Pool, index: usize, role: Role) {
 
 #[test]
 fn role_is_decided_by_the_first_report_and_primary_needs_rise_reports() {
-    let mut t = Tracker::default();
-    assert_eq!(
-        t.observe_role(Some(Role::Replica), 3),
-        Some(Some(Role::Replica))
-    );
-    assert_eq!(t.observe_role(Some(Role::Primary), 3), None);
-    assert_eq!(t.observe_role(Some(Role::Primary), 3), None);
-    assert_eq!(
-        t.observe_role(Some(Role::Primary), 3),
-        Some(Some(Role::Primary))
-    );
+    let mut t = roles::RoleRecord::default();
+    let mut see = |pool: &str, r: Role, rise: u32| {
+        t.observe(pool, Some(r), rise);
+        t.role()
+    };
+    assert_eq!(see("a", Role::Replica, 3), Some(Role::Replica));
+    assert_eq!(see("a", Role::Primary, 3), Some(Role::Replica));
+    assert_eq!(see("a", Role::Primary, 3), Some(Role::Replica));
+    assert_eq!(see("a", Role::Primary, 3), Some(Role::Primary));
     // Stepping down is believed at once.
-    assert_eq!(
-        t.observe_role(Some(Role::Replica), 3),
-        Some(Some(Role::Replica))
-    );
+    assert_eq!(see("a", Role::Replica, 3), Some(Role::Replica));
     // A broken streak starts again.
-    assert_eq!(t.observe_role(Some(Role::Primary), 2), None);
-    assert_eq!(t.observe_role(Some(Role::Replica), 2), None);
-    assert_eq!(t.observe_role(Some(Role::Primary), 2), None);
-    assert_eq!(
-        t.observe_role(Some(Role::Primary), 2),
-        Some(Some(Role::Primary))
-    );
+    assert_eq!(see("a", Role::Primary, 2), Some(Role::Replica));
+    assert_eq!(see("a", Role::Replica, 2), Some(Role::Replica));
+    assert_eq!(see("a", Role::Primary, 2), Some(Role::Replica));
+    assert_eq!(see("a", Role::Primary, 2), Some(Role::Primary));
+    // Two pools checking one node do not confirm twice as fast.
+    assert_eq!(see("a", Role::Replica, 2), Some(Role::Replica));
+    assert_eq!(see("a", Role::Primary, 2), Some(Role::Replica));
+    assert_eq!(see("b", Role::Primary, 2), Some(Role::Replica));
+    assert_eq!(see("b", Role::Primary, 2), Some(Role::Primary));
 }
 
 #[test]
@@ -449,7 +463,7 @@ fn backend_role_metric_shows_the_current_role() {
     let m = Metrics::new();
     let src = "listeners: { l: { bind: 127.0.0.1:1, pool: p } }\npools:\n  p:\n    role: primary\n    health_check: { kind: redis }\n    backends: [127.0.0.1:1]";
     let config = Config::from_yaml(src).unwrap();
-    let p = Pool::new(&config.pools[0], &m);
+    let p = Pool::new(&config.pools[0], &m, &RoleBook::new());
     let text = || String::from_utf8(m.render()).unwrap();
     assert!(
         text()
@@ -479,10 +493,10 @@ fn a_read_pool_reports_a_conflict_only_while_it_falls_back() {
     set(&p, 2, Health::Down);
     assert_eq!(
         serving(&p),
-        Vec::<usize>::new(),
-        "two primaries, none earlier: no fallback"
+        [0],
+        "reads fall back to the primary that claimed first, never to the late claimant"
     );
-    assert_eq!(p.conflicts(), 2);
+    assert_eq!(p.conflicts(), 1);
     set(&p, 2, Health::Up);
     report(&p, 2, Role::Replica);
     assert_eq!(serving(&p), [2]);

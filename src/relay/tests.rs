@@ -75,6 +75,7 @@ fn both_stages() -> [Options; 2] {
     [true, false].map(|splice| Options {
         idle_timeout: None,
         splice,
+        unused_window: Duration::from_secs(5),
     })
 }
 
@@ -186,6 +187,7 @@ async fn tcp_relay_idle_timeout() {
     let options = Options {
         idle_timeout: Some(Duration::from_secs(30)),
         splice: true,
+        unused_window: Duration::ZERO,
     };
     let (_client_end, _backend_end, relay) = tcp_relay(options).await;
     let started = Instant::now();
@@ -207,6 +209,30 @@ async fn a_backend_gone_before_the_session_began_is_reported_as_unused() {
         assert!(matches!(end, End::Unused(_)), "{end:?}");
         assert_eq!(totals, Totals::default());
         drop(client_end);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_closing_an_idle_session_after_the_unused_window_ends_it() {
+    for splice in [true, false] {
+        let options = Options {
+            idle_timeout: None,
+            splice,
+            unused_window: Duration::from_millis(100),
+        };
+        let (mut client_end, backend_end, relay) = tcp_relay(options).await;
+        // Redis `timeout`, MySQL `wait_timeout`: the backend closes a silent
+        // client on purpose, well after the connect.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(backend_end);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client_end.read_to_end(&mut rest))
+            .await
+            .expect("the client is told the session ended")
+            .unwrap();
+        drop(client_end);
+        let (end, ..) = relay.await.unwrap();
+        assert!(!matches!(end, End::Unused(_)), "{end:?}");
     }
 }
 
