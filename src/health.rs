@@ -76,8 +76,8 @@ pub struct HealthChecks {
 struct Loops {
     /// The runtime, once the service runs.
     handle: Option<Handle>,
-    /// Per pool, the task that supervises its loop.
-    running: HashMap<String, JoinHandle<()>>,
+    /// Per pool, the pool and the task that supervises its loop.
+    running: HashMap<String, (Arc<Pool>, JoinHandle<()>)>,
     /// Pools to start when the service starts (the initial configuration,
     /// changed by any reload that came first).
     pending: Vec<Arc<Pool>>,
@@ -119,16 +119,44 @@ impl HealthChecks {
             return;
         };
         let task = handle.spawn(Arc::clone(self).supervise(Arc::clone(&pool)));
-        if let Some(old) = loops.running.insert(pool.name.clone(), task) {
+        if let Some((_, old)) = loops.running.insert(pool.name.clone(), (pool, task)) {
             old.abort();
         }
+    }
+
+    /// Stop checking `pool`, which left the configuration, once every pool
+    /// in `successors` has finished its first round (listeners that move
+    /// from it to them use it until then); then retire it.
+    pub fn stop_after(self: &Arc<Self>, pool: Arc<Pool>, successors: Vec<Arc<Pool>>) {
+        let Some(handle) = lock(&self.inner).handle.clone() else {
+            self.stop(&pool.name);
+            pool.retire();
+            return;
+        };
+        let checks = Arc::clone(self);
+        handle.spawn(async move {
+            futures::future::join_all(successors.iter().map(|p| p.wait_ready())).await;
+            let mut loops = lock(&checks.inner);
+            // Unless a later reload brought a pool of that name back.
+            if loops
+                .running
+                .get(&pool.name)
+                .is_some_and(|(p, _)| Arc::ptr_eq(p, &pool))
+            {
+                if let Some((_, task)) = loops.running.remove(&pool.name) {
+                    task.abort();
+                }
+            }
+            drop(loops);
+            pool.retire();
+        });
     }
 
     /// Stop checking the pool `name`.
     pub fn stop(&self, name: &str) {
         let mut loops = lock(&self.inner);
         loops.pending.retain(|p| p.name != name);
-        if let Some(task) = loops.running.remove(name) {
+        if let Some((_, task)) = loops.running.remove(name) {
             task.abort();
         }
     }
@@ -256,7 +284,7 @@ impl BackgroundService for HealthService {
                 break;
             }
         }
-        for (_, task) in lock(&checks.inner).running.drain() {
+        for (_, (_, task)) in lock(&checks.inner).running.drain() {
             task.abort();
         }
     }

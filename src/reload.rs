@@ -181,9 +181,32 @@ impl State {
             }
         }
         let kept: HashSet<&str> = next.pools.iter().map(|p| p.name.as_str()).collect();
+        // Listeners moving to a pool that has no verdict yet stay on their
+        // old pool until it has (see `Traffic::update`), so an old pool they
+        // leave keeps its checks until then.
+        let mut handovers: HashMap<String, Vec<Arc<Pool>>> = HashMap::new();
+        for l in &next.listeners {
+            let Some(c) = current.listeners.iter().find(|c| c.name == l.name) else {
+                continue;
+            };
+            if let Some(new) = pools.iter().find(|p| p.name == l.pool) {
+                if c.pool != l.pool && !new.is_ready() {
+                    handovers
+                        .entry(c.pool.clone())
+                        .or_default()
+                        .push(Arc::clone(new));
+                }
+            }
+        }
         for (name, pool) in &old {
             if !kept.contains(name.as_str()) {
-                self.health.stop(name);
+                match handovers.remove(name) {
+                    Some(successors) => self.health.stop_after(Arc::clone(pool), successors),
+                    None => {
+                        self.health.stop(name);
+                        pool.retire();
+                    }
+                }
                 for m in &pool.generation().members {
                     self.metrics
                         .remove_backend(name, m.backend.address.as_str());

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -59,6 +59,8 @@ pub struct BindError {
 struct Running {
     settings: ListenerSettings,
     app: Arc<ArcSwap<ListenerApp>>,
+    /// Counts updates, so a deferred switch to a new pool yields to a later one.
+    wanted: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -226,7 +228,9 @@ impl Traffic {
         pool: Arc<Pool>,
     ) -> Result<(), BindError> {
         let Some(context) = self.context.get() else {
-            lock(&self.initial).push((settings.clone(), pool));
+            let mut initial = lock(&self.initial);
+            initial.retain(|(s, _)| s.name != settings.name);
+            initial.push((settings.clone(), pool));
             return Ok(());
         };
         let mut sockets = Vec::with_capacity(settings.bind.len());
@@ -257,6 +261,7 @@ impl Traffic {
             Running {
                 settings: settings.clone(),
                 app,
+                wanted: Arc::new(AtomicU64::new(0)),
                 stop,
                 tasks,
             },
@@ -269,16 +274,54 @@ impl Traffic {
 
     /// Apply new settings or a new pool to a running listener with the same
     /// addresses; connections already open keep what they started with.
+    ///
+    /// A new pool that has not finished its first health-check round yet
+    /// takes over only once it has: until then the listener keeps its
+    /// current pool, so no client is refused for want of a verdict.
     pub fn update(&self, settings: &ListenerSettings, pool: Arc<Pool>) {
+        {
+            // Not started yet: it will start with these settings.
+            let mut initial = lock(&self.initial);
+            if let Some(entry) = initial.iter_mut().find(|(s, _)| s.name == settings.name) {
+                *entry = (settings.clone(), pool);
+                return;
+            }
+        }
         let mut running = lock(&self.running);
-        if let Some(r) = running.get_mut(&settings.name) {
-            r.app.store(Arc::new(self.app(settings, pool)));
-            r.settings = settings.clone();
+        let Some(r) = running.get_mut(&settings.name) else {
+            return;
+        };
+        r.settings = settings.clone();
+        let wanted = r.wanted.fetch_add(1, Relaxed) + 1;
+        let app = Arc::new(self.app(settings, Arc::clone(&pool)));
+        let switching = !Arc::ptr_eq(&r.app.load().pool(), &pool);
+        match self.context.get() {
+            Some(context) if switching && !pool.is_ready() => {
+                let (slot, latest) = (Arc::clone(&r.app), Arc::clone(&r.wanted));
+                let name = settings.name.clone();
+                context.handle.spawn(async move {
+                    pool.wait_ready().await;
+                    // A later reload may have changed the listener again.
+                    if latest.load(Relaxed) == wanted {
+                        slot.store(app);
+                        info!("listener {name} now forwards to pool {}", pool.name);
+                    }
+                });
+            }
+            _ => r.app.store(app),
         }
     }
 
     /// Close the listener `name`; its open connections run on.
     pub fn stop(&self, name: &str) {
+        {
+            let mut initial = lock(&self.initial);
+            let before = initial.len();
+            initial.retain(|(s, _)| s.name != name);
+            if initial.len() != before {
+                return;
+            }
+        }
         if let Some(r) = lock(&self.running).remove(name) {
             Self::halt(r);
         }
@@ -434,29 +477,34 @@ impl ServiceWithDependents for TrafficService {
         ready: ServiceReadyNotifier,
     ) {
         let traffic = &self.0;
-        let _ = traffic.context.set(Context {
-            fds,
-            handle: Handle::current(),
-            shutdown: shutdown.clone(),
-        });
-        let initial = std::mem::take(&mut *lock(&traffic.initial));
-        for (settings, pool) in initial {
-            if let Err(e) = traffic.start(&settings, pool) {
-                error!("{e}");
-                std::process::exit(1);
+        {
+            // Held while the listeners start, so that a reload in between
+            // changes either the list (before) or the running listeners (after).
+            let mut pending = lock(&traffic.initial);
+            let _ = traffic.context.set(Context {
+                fds,
+                handle: Handle::current(),
+                shutdown: shutdown.clone(),
+            });
+            let initial = std::mem::take(&mut *pending);
+            for (settings, pool) in initial {
+                if let Err(e) = traffic.start(&settings, pool) {
+                    error!("{e}");
+                    std::process::exit(1);
+                }
+                info!(
+                    "listener {} open on {}",
+                    settings.name,
+                    settings
+                        .bind
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
-            info!(
-                "listener {} open on {}",
-                settings.name,
-                settings
-                    .bind
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            traffic.started.store(true, Relaxed);
         }
-        traffic.started.store(true, Relaxed);
         ready.notify_ready();
         raised(&mut shutdown).await;
         let running: Vec<Running> = lock(&traffic.running).drain().map(|(_, r)| r).collect();

@@ -50,10 +50,28 @@ async fn round_robin_splits_evenly_and_by_weight() {
     );
 }
 
+/// A connection held open through sluice, and the backend that greeted it.
+async fn hold_named(to: SocketAddr) -> (String, tokio::net::TcpStream) {
+    let mut c = tokio::net::TcpStream::connect(to).await.unwrap();
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while name.last() != Some(&b'\n') {
+        tokio::time::timeout(DEADLINE, c.read_exact(&mut byte))
+            .await
+            .expect("the backend greets")
+            .unwrap();
+        name.push(byte[0]);
+    }
+    (String::from_utf8(name).unwrap().trim().to_string(), c)
+}
+
+/// Least connections sends new clients to the backend holding fewer, where
+/// round robin would alternate: with two clients closed on `b`, the next
+/// two both go to `b`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_connections_avoids_the_busy_backend() {
-    let a = Backend::start("a", Behavior::Echo).await;
-    let b = Backend::start("b", Behavior::Echo).await;
+    let a = Backend::start("a", Behavior::Stream).await;
+    let b = Backend::start("b", Behavior::Stream).await;
     let port = reserve_port();
     let sluice = Sluice::start(&config(
         port,
@@ -61,38 +79,34 @@ async fn least_connections_avoids_the_busy_backend() {
         &[(a.addr, 1), (b.addr, 1)],
     ))
     .await;
-    // Hold three connections open; they spread 2/1 or 1/2 at worst, never 3/0.
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(tokio::net::TcpStream::connect(addr(port)).await.unwrap());
-    }
     let busy = |m: &Scrape, b: &Backend| {
         m.value(
             "sluice_backend_connections_active",
             &[("pool", "app"), ("backend", &b.addr.to_string())],
         )
     };
-    wait_until("three held connections", || async {
-        let m = sluice.metrics().await;
-        busy(&m, &a) + busy(&m, &b) == 3.0
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(hold_named(addr(port)).await);
+    }
+    let on = |held: &[(String, tokio::net::TcpStream)], name: &str| {
+        held.iter().filter(|(n, _)| n == name).count()
+    };
+    assert_eq!((on(&held, "a"), on(&held, "b")), (2, 2), "an even spread");
+    // Free b entirely: a holds two, b none.
+    held.retain(|(n, _)| n == "a");
+    wait_until("b's connections are gone", || async {
+        busy(&sluice.metrics().await, &b) == 0.0
     })
     .await;
-    let m = sluice.metrics().await;
-    let (on_a, on_b) = (busy(&m, &a), busy(&m, &b));
-    assert!(on_a >= 1.0 && on_b >= 1.0, "a={on_a} b={on_b}");
-    // The next connection goes to whichever holds fewer.
-    let lighter = if on_a < on_b { &a } else { &b };
-    let before = lighter.accepted.load(std::sync::atomic::Ordering::Relaxed);
-    held.push(tokio::net::TcpStream::connect(addr(port)).await.unwrap());
-    wait_until(
-        "the fourth connection reaches the lighter backend",
-        || async {
-            let m = sluice.metrics().await;
-            busy(&m, lighter) == 2.0
-        },
-    )
-    .await;
-    assert!(lighter.accepted.load(std::sync::atomic::Ordering::Relaxed) > before);
+    for _ in 0..2 {
+        held.push(hold_named(addr(port)).await);
+    }
+    assert_eq!(
+        (on(&held, "a"), on(&held, "b")),
+        (2, 2),
+        "both new clients went to the idle backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -435,3 +435,100 @@ async fn bad_credentials_and_wrong_protocols_make_a_backend_down_with_the_reason
     assert!(!log.contains("panicked"));
     assert!(sluice.try_wait().is_none());
 }
+
+/// Issue 13, item 2: with a stale claimant refused (split brain), a blip of
+/// the real primary (one failed check, `fall: 1`) does not hand it the
+/// writes: they are refused for `primary_hold` and return to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_blip_of_the_primary_does_not_hand_the_writes_to_a_stale_claimant() {
+    let r1 = Redis::start(None);
+    let r2 = Redis::replica_of(&r1, None);
+    let w = reserve_port();
+    let list = format!("['{}', '{}']", r1.addr, r2.addr);
+    let sluice = Sluice::start(&format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners: {{ write: {{ bind: 127.0.0.1:{w}, pool: primary }} }}\n\
+         pools:\n  primary:\n    role: primary\n    primary_hold: 30s\n    \
+         health_check: {{ kind: redis, interval: {INTERVAL_MS}ms, timeout: {INTERVAL_MS}ms, rise: {RISE}, fall: 1 }}\n    \
+         backends: {list}\n"
+    ))
+    .await;
+    sluice.wait_active("primary", &[r1.addr]).await;
+    // The replica is wrongly promoted while the primary still claims it.
+    r2.promote();
+    wait_until("the stale claimant is refused", || async {
+        metric(
+            &sluice.metrics().await,
+            "sluice_pool_conflicts",
+            &[("pool", "primary")],
+        ) == 1.0
+    })
+    .await;
+    // A blip: the primary answers nothing for 1.2 s (one failed check, and
+    // with fall 1 it is down), then is back, still primary.
+    assert_eq!(r1.cli(&["CLIENT", "PAUSE", "1200", "ALL"]), "OK");
+    wait_until("the primary is marked down", || async {
+        sluice.backend_state("primary", r1.addr).await == "down"
+    })
+    .await;
+    // Until it is back, writes go nowhere rather than to the stale claimant.
+    let stale = r2.addr.to_string();
+    loop {
+        let active = sluice.active_backends("primary").await;
+        assert!(
+            !active.contains(&stale),
+            "writes went to the stale claimant"
+        );
+        if sluice.backend_state("primary", r1.addr).await == "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sluice.wait_active("primary", &[r1.addr]).await;
+    let port = redis_at(addr(w), "", &["CONFIG", "GET", "port"]);
+    assert!(
+        port.ends_with(&r1.addr.port().to_string()),
+        "writes are back on the real primary: {port}"
+    );
+    sluice.wait_log("writes refused").await;
+}
+
+/// Issue 13, item 3: a read pool falling back to the primary during a
+/// split brain goes where the write pool sends its writes, counts no
+/// conflict of its own and speaks of reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reads_follow_the_write_decision_during_a_split_brain() {
+    let r1 = Redis::start(None);
+    let r2 = Redis::replica_of(&r1, None);
+    let (w, r) = (reserve_port(), reserve_port());
+    let sluice = Sluice::start(&tier(w, r, "kind: redis", &[r1.addr, r2.addr], true)).await;
+    sluice.wait_active("primary", &[r1.addr]).await;
+    sluice.wait_active("replicas", &[r2.addr]).await;
+    // The only replica is promoted: both claim primary, nobody is a replica.
+    r2.promote();
+    wait_until("the write pool refuses the late claimant", || async {
+        metric(
+            &sluice.metrics().await,
+            "sluice_pool_conflicts",
+            &[("pool", "primary")],
+        ) == 1.0
+    })
+    .await;
+    sluice.wait_active("replicas", &[r1.addr]).await;
+    let port = redis_at(addr(r), "", &["CONFIG", "GET", "port"]);
+    assert!(port.ends_with(&r1.addr.port().to_string()), "{port}");
+    let m = sluice.metrics().await;
+    assert_eq!(
+        metric(&m, "sluice_pool_conflicts", &[("pool", "replicas")]),
+        0.0,
+        "the conflict is counted once, by the pool that decides"
+    );
+    assert_eq!(
+        sluice.active_backends("primary").await,
+        vec![r1.addr.to_string()]
+    );
+    assert!(
+        !sluice.log().contains("pool replicas: SPLIT BRAIN"),
+        "the read pool follows; it does not decide on its own"
+    );
+}

@@ -250,15 +250,22 @@ async fn passive_health_off_keeps_trying_until_the_checks_notice() {
 async fn no_backend_means_immediate_close_and_a_count() {
     let mut only = Backend::start("only", Behavior::Name).await;
     let port = reserve_port();
+    // A long connect timeout: "immediate" must mean no connect is even tried.
     let sluice = Sluice::start(&front_to_app(
         port,
         "",
-        &format!("{CHECK}\nbackends: ['{}']", only.addr),
+        &format!("connect_timeout: 30s\n{CHECK}\nbackends: ['{}']", only.addr),
     ))
     .await;
     only.stop_and_wait().await;
     sluice.wait_active("app", &[]).await;
+    let started = std::time::Instant::now();
     assert_eq!(read_all(addr(port)).await, "", "closed without data");
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "closed at once, not after a connect attempt: {took:?}"
+    );
     let m = sluice.metrics().await;
     assert_eq!(
         m.value(
@@ -268,4 +275,47 @@ async fn no_backend_means_immediate_close_and_a_count() {
         1.0
     );
     sluice.wait_log("no backend is available").await;
+}
+
+/// Issue 13, item 6: one client retrying the only backend while it
+/// restarts does not mark it down; the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_retrying_cannot_mark_the_only_backend_down() {
+    let mut only = Backend::start("only", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "connect_attempts: 3\nhealth_check: {{ interval: 1m, timeout: 1s, fall: 3 }}\nbackends: ['{}']",
+            only.addr
+        ),
+    ))
+    .await;
+    // A restart: the port refuses for a moment.
+    only.stop_and_wait().await;
+    assert_eq!(read_all(addr(port)).await, "", "refused while it restarts");
+    assert_eq!(
+        refused(&sluice.metrics().await, only.addr),
+        3.0,
+        "the client tried three times"
+    );
+    only.restart().await;
+    // The one client's three refusals counted once, and the last healthy
+    // backend is left to the active checks anyway.
+    assert_eq!(sluice.backend_state("app", only.addr).await, "up");
+    assert_eq!(
+        read_all(addr(port)).await,
+        "only\n",
+        "the next client is served"
+    );
+    // Many clients failing still do not take out the last backend.
+    only.stop_and_wait().await;
+    for _ in 0..5 {
+        assert_eq!(read_all(addr(port)).await, "");
+    }
+    assert_eq!(sluice.backend_state("app", only.addr).await, "up");
+    sluice.wait_log("last healthy backend").await;
+    only.restart().await;
+    assert_eq!(read_all(addr(port)).await, "only\n");
 }

@@ -430,3 +430,76 @@ async fn garbage_bytes_pass_through_and_crash_nothing() {
     assert_eq!(status, 200);
     assert!(sluice.try_wait().is_none());
 }
+
+/// A backend that accepts, stays silent, and closes each connection after
+/// `after` (Redis `timeout`, MySQL `wait_timeout`); a task until dropped.
+async fn idle_closer(after: Duration) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                drop(sock);
+            });
+        }
+    });
+    (at, task)
+}
+
+/// Issue 13, item 1: a backend closing an idle connection on purpose is
+/// the end of that session, passed to the client, not a failed connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_closing_an_idle_session_ends_it_and_is_not_a_failed_connect() {
+    let (closer, _task) = idle_closer(Duration::from_secs(1)).await;
+    let other = Backend::start("other", Behavior::Name).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!(
+            "on_backend_down: close\nhealth_check: {{ interval: 5s, timeout: 1s, fall: 2 }}\n{}",
+            backends(&[closer, other.addr])
+        ),
+    ))
+    .await;
+    let label = closer.to_string();
+    let on_closer = [("pool", "app"), ("backend", label.as_str())];
+    // Three silent clients in a row land on the idle closer (round robin
+    // alternates, so take every other one) and wait for it to close them.
+    let mut ended = 0;
+    while ended < 3 {
+        let mut c = TcpStream::connect(addr(port)).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, c.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the session ended");
+        if got.is_empty() {
+            ended += 1;
+        } else {
+            assert_eq!(
+                got, b"other\n",
+                "a client of the idle closer was moved elsewhere"
+            );
+        }
+    }
+    let m = sluice.metrics().await;
+    for kind in ["refused", "timeout", "other"] {
+        let mut labels = on_closer.to_vec();
+        labels.push(("kind", kind));
+        assert_eq!(
+            m.value("sluice_backend_connect_errors_total", &labels),
+            0.0,
+            "an idle close is not a connect error ({kind})"
+        );
+    }
+    assert_eq!(
+        m.value("sluice_backend_connections_total", &on_closer),
+        3.0,
+        "each session counted once"
+    );
+    assert_eq!(sluice.backend_state("app", closer).await, "up");
+    assert_eq!(m.value("sluice_backend_up", &on_closer), 1.0);
+}

@@ -328,17 +328,27 @@ async fn settings_that_need_a_restart_are_reported_not_applied() {
     let port = reserve_port();
     let good = front_to_app(port, "", &format!("backends: ['{}']", a.addr));
     let sluice = Sluice::start(&good).await;
-    sluice.rewrite_config(&format!("server: {{ grace_period: 3s }}\n{good}"));
+    // Move the admin listener: a restart would; a reload must not.
+    let moved = reserve_port();
+    sluice.rewrite_config(&good.replace("{admin}", &format!("127.0.0.1:{moved}")));
     let (status, body) = sluice.reload().await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body["summary"]
             .as_str()
             .unwrap()
-            .contains("not applied until a restart: server"),
+            .contains("not applied until a restart: admin"),
         "{body}"
     );
     sluice.wait_log("need a restart").await;
+    assert!(
+        http_get(sluice.admin, "/healthz").await.is_ok(),
+        "the admin listener stays where it was"
+    );
+    assert!(
+        TcpStream::connect(addr(moved)).await.is_err(),
+        "nothing listens on the new admin address"
+    );
     assert_eq!(read_all(addr(port)).await, "a\n");
 }
 
@@ -360,8 +370,21 @@ async fn a_removed_backend_gets_no_new_connections() {
         extra: None,
     };
     let sluice = Sluice::start(&config(port, &both)).await;
-    let mut first = TcpStream::connect(addr(port)).await.unwrap();
-    round_trip(&mut first, 1, 100).await;
+    // Round robin: one held connection on each backend, so one is on `a`.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut c = TcpStream::connect(addr(port)).await.unwrap();
+        round_trip(&mut c, i, 100).await;
+        held.push(c);
+    }
+    let active_on = |m: &Scrape, b: SocketAddr| {
+        m.value(
+            "sluice_backend_connections_active",
+            &[("pool", "app"), ("backend", &b.to_string())],
+        )
+    };
+    let m = sluice.metrics().await;
+    assert_eq!((active_on(&m, a.addr), active_on(&m, b.addr)), (1.0, 1.0));
     sluice.rewrite_config(&config(port, &only_b));
     assert_eq!(sluice.reload().await.0, 200);
     let b_label = b.addr.to_string();
@@ -376,7 +399,10 @@ async fn a_removed_backend_gets_no_new_connections() {
         let mut c = TcpStream::connect(addr(port)).await.unwrap();
         round_trip(&mut c, i, 100).await;
     }
-    round_trip(&mut first, 2, 100).await;
+    for (i, c) in held.iter_mut().enumerate() {
+        // The one on the removed backend too: it runs to its end.
+        round_trip(c, 20 + i, 100).await;
+    }
     let m = sluice.metrics().await;
     assert_eq!(to_b(&m), before + 10.0, "every new connection went to b");
     let a_label = a.addr.to_string();
@@ -391,4 +417,92 @@ async fn a_removed_backend_gets_no_new_connections() {
         sluice.active_backends("app").await,
         vec![b.addr.to_string()]
     );
+}
+
+/// Issue 13, item 4: a reload during the first health-check round that
+/// removes the pool still checking (and its listener) leaves sluice ready,
+/// with the removed listener never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_the_first_round_can_remove_the_pool_it_waits_for() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let hole = Blackhole::new();
+    let (fast, slow) = (reserve_port(), reserve_port());
+    let only_fast = format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n  fast: {{ bind: 127.0.0.1:{fast}, pool: app }}\n\
+         pools:\n  app:\n    backends: ['{}']\n",
+        a.addr
+    );
+    // The first round of `stuck` lasts its 8 s check timeout.
+    let both = format!(
+        "{only_fast}  stuck:\n    health_check: {{ interval: 9s, timeout: 8s }}\n    backends: ['{}']\n",
+        hole.addr
+    )
+    .replace(
+        "pool: app }\n",
+        &format!("pool: app }}\n  slow: {{ bind: 127.0.0.1:{slow}, pool: stuck }}\n"),
+    );
+    let sluice = Sluice::spawn(&both);
+    wait_until("the admin answers", || async {
+        http_get(sluice.admin, "/healthz").await.is_ok()
+    })
+    .await;
+    let (status, why) = http_get(sluice.admin, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "still in the first round: {why}");
+    sluice.rewrite_config(&only_fast);
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 200, "{body}");
+    wait_until("ready without the removed pool", || async {
+        matches!(http_get(sluice.admin, "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    assert_eq!(read_all(addr(fast)).await, "a\n");
+    assert!(
+        TcpStream::connect(addr(slow)).await.is_err(),
+        "the listener removed before it opened never opens"
+    );
+}
+
+/// Issue 13, item 7: a listener a reload moves to a new pool stays on its
+/// old pool until the new one has finished its first round: no client is
+/// refused in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_moved_to_a_new_pool_refuses_nobody_meanwhile() {
+    let old = Backend::start("old", Behavior::Name).await;
+    let new = Backend::start("new", Behavior::Name).await;
+    let hole = Blackhole::new();
+    let port = reserve_port();
+    let before = front_to_app(port, "", &format!("backends: ['{}']", old.addr));
+    // The new pool's first round takes its 3 s check timeout (the
+    // blackholed member), during which it has no verdict on anyone.
+    let after = format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners: {{ front: {{ bind: 127.0.0.1:{port}, pool: next }} }}\n\
+         pools:\n  next:\n    health_check: {{ interval: 4s, timeout: 3s }}\n    backends: ['{}', '{}']\n",
+        new.addr, hole.addr
+    );
+    let sluice = Sluice::start(&before).await;
+    let load = Load::start(addr(port), 2, 100_000, Exchange::Name);
+    wait_until("traffic flows", || async { load.ok() > 20 }).await;
+    sluice.rewrite_config(&after);
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(read_all(addr(port)).await, "old\n", "still the old pool");
+    wait_until("the new pool takes over", || async {
+        read_all(addr(port)).await == "new\n"
+    })
+    .await;
+    let (ok, failed, errors) = load.finish().await;
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed: {errors:?}");
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value(
+            "sluice_listener_rejected_total",
+            &[("listener", "front"), ("reason", "no_backend")]
+        ),
+        0.0
+    );
+    sluice
+        .wait_log("listener front now forwards to pool next")
+        .await;
 }

@@ -1037,8 +1037,11 @@ fn active_passive(
         .as_ref()
         .and_then(index)
         .filter(|&i| eligible[i]);
+    // Manual failback keeps the current backend, once there is one to keep:
+    // before the first round ends, the first in list order wins, whichever
+    // check happened to answer first.
     let next = match (spec.failback, current) {
-        (Failback::Manual, Some(i)) => Some(i),
+        (Failback::Manual, Some(i)) if state.ready => Some(i),
         _ => first_up,
     };
     state.active = next.map(|i| Arc::clone(&state.backends[i].key));

@@ -195,7 +195,7 @@ fn check_plain(spec: &Spec, before: &State, after: &State, event: &Event) -> Res
                 Failback::Manual => {
                     let was = serving_keys(before);
                     let moved = matches!(event, Event::MakeActive { .. });
-                    if let Some(prev) = was.first() {
+                    if let Some(prev) = was.first().filter(|_| before.ready) {
                         if usable.contains(prev) && !moved && serving.first() != Some(prev) {
                             return Err(format!(
                                 "failback manual moved from {prev} to {serving:?} on its own"

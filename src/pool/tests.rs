@@ -119,9 +119,14 @@ fn active_passive_manual_stays_until_failure_or_operator() {
     failback: manual
     backends: [127.0.0.1:1, 127.0.0.1:2]",
     );
-    set(&p, 0, Health::Up);
     set(&p, 1, Health::Up);
-    assert_eq!(serving(&p), [0]);
+    set(&p, 0, Health::Up);
+    assert_eq!(
+        serving(&p),
+        [0],
+        "before the first round ends, list order decides"
+    );
+    p.round_done();
     set(&p, 0, Health::Down);
     set(&p, 0, Health::Up);
     assert_eq!(serving(&p), [1], "manual: no failback");

@@ -612,11 +612,14 @@ impl Blackhole {
         l.bind(&addr.into()).unwrap();
         l.listen(0).unwrap();
         let addr = l.local_addr().unwrap().as_socket().unwrap();
-        // Fill the accept queue; further handshakes are dropped by the kernel.
+        // Fill the accept queue until a handshake is dropped by the kernel
+        // (a filler that merely took long under load does not count).
         let mut fillers = Vec::new();
-        for _ in 0..2 {
-            if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                fillers.push(s);
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => fillers.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("blackhole filler: {e}"),
             }
         }
         Blackhole {
