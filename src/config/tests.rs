@@ -397,3 +397,27 @@ fn database_check_mistakes_are_reported_with_paths() {
         "{p:?}"
     );
 }
+
+#[test]
+fn primary_hold_defaults_from_the_checks_and_applies_only_where_a_primary_is_chosen() {
+    let c = Config::from_yaml(&with_pool_keys(
+        "role: primary\nhealth_check: { kind: redis, interval: 500ms, timeout: 200ms, rise: 3 }",
+    ))
+    .unwrap();
+    assert_eq!(c.pools[0].primary_hold, Duration::from_millis(2500));
+    let c = Config::from_yaml(&with_pool_keys(
+        "role: replica\nfallback_to_primary: true\nprimary_hold: 1m\nhealth_check: { kind: redis }",
+    ))
+    .unwrap();
+    assert_eq!(c.pools[0].primary_hold, Duration::from_secs(60));
+    let p = problems(&with_pool_keys("primary_hold: 10s")).join("\n");
+    assert!(
+        p.contains("pools.app.primary_hold: only applies to role: primary"),
+        "{p}"
+    );
+    let p = problems(&with_pool_keys(
+        "role: primary\nprimary_hold: soon\nhealth_check: { kind: redis }",
+    ))
+    .join("\n");
+    assert!(p.contains("pools.app.primary_hold: "), "{p}");
+}
