@@ -23,6 +23,9 @@ use crate::metrics;
 use crate::pool::{Health, MoveError, Pool};
 use crate::state::State;
 
+/// How long `POST /api/v1/reload` waits for the reload it asked for.
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The admin application.
 pub struct AdminApp {
     state: Arc<State>,
@@ -35,7 +38,12 @@ impl AdminApp {
     }
 
     /// Answer one request.
-    pub fn handle(&self, method: &Method, path: &str, query: Option<&str>) -> Response<Vec<u8>> {
+    pub async fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> Response<Vec<u8>> {
         let get = method == Method::GET || method == Method::HEAD;
         match path {
             "/metrics" if get => reply(
@@ -52,7 +60,7 @@ impl AdminApp {
                 ),
             },
             "/api/v1/pools" if get => json_reply(StatusCode::OK, &self.pools_json()),
-            "/api/v1/reload" if method == Method::POST => self.reload(),
+            "/api/v1/reload" if method == Method::POST => self.reload().await,
             "/api/v1/reload" => method_not_allowed("POST"),
             "/metrics" | "/healthz" | "/readyz" | "/api/v1/pools" => method_not_allowed("GET"),
             _ => match path
@@ -88,8 +96,21 @@ impl AdminApp {
         }
     }
 
-    fn reload(&self) -> Response<Vec<u8>> {
-        match self.state.reload() {
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let outcome = match tokio::time::timeout(RELOAD_WAIT, self.state.request_reload()).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(crate::reload::ReloadError::Unavailable),
+            Err(_) => {
+                return json_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "result": "pending", "problems": [format!(
+                        "the reload is still running after {}; its outcome will be logged",
+                        humantime::format_duration(RELOAD_WAIT)
+                    )] }),
+                );
+            }
+        };
+        match outcome {
             Ok(summary) => json_reply(
                 StatusCode::OK,
                 &json!({ "result": "success", "summary": summary.to_string() }),
@@ -221,7 +242,8 @@ fn method_not_allowed(allow: &str) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        self.handle(&req.method, req.uri.path(), req.uri.query())
+        let (method, uri) = (req.method.clone(), req.uri.clone());
+        self.handle(&method, uri.path(), uri.query()).await
     }
 }
 

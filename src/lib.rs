@@ -9,6 +9,7 @@
 //! | [`server`] | turning a config into pingora services and running them |
 //! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals, upgrade handover |
 //! | [`listener`] | one client: admission, backend connect with retries and passive health, relay |
+//! | [`loops`] | detecting sluice proxying to itself |
 //! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting |
 //! | [`pool`] | backend state, serving set (active-active / active-passive), failover, picking |
 //! | [`health`] | background health checks with rise/fall and DNS re-resolution |
@@ -26,6 +27,7 @@ pub mod config;
 pub mod health;
 pub mod lifecycle;
 pub mod listener;
+pub mod loops;
 pub mod metrics;
 pub mod pool;
 pub mod relay;

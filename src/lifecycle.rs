@@ -52,8 +52,8 @@ impl ShutdownSignalWatch for Signals {
             tokio::select! {
                 _ = hup.recv() => {
                     info!("SIGHUP received: reloading the configuration");
-                    // The outcome is logged and counted by `reload`.
-                    let _ = self.state.reload();
+                    // On the reload thread; its outcome is logged and counted there.
+                    drop(self.state.request_reload());
                 }
                 _ = int.recv() => {
                     info!("SIGINT received: exiting now");

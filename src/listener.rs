@@ -19,6 +19,7 @@ use prometheus::IntGauge;
 use tokio::sync::watch;
 
 use crate::config::ListenerSettings;
+use crate::loops;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
 use crate::pool::{Backend, CloseCause, Member, Pool};
 use crate::relay::socket::{self, Socket};
@@ -107,9 +108,6 @@ pub struct ListenerApp {
     max_connections: Option<usize>,
     /// Clients being served, kept across reloads (`max_connections` reads it).
     active: Arc<AtomicI64>,
-    /// Ports this listener is bound on: a backend on one of them may be the
-    /// listener itself.
-    ports: Vec<u16>,
     relay: relay::Options,
     metrics: ListenerMetrics,
     no_backend_log: LogLimiter,
@@ -144,8 +142,6 @@ struct Attempts {
     /// Backends whose failure this client already counted for passive health.
     blamed: Vec<usize>,
     turn: usize,
-    /// A backend turned out to be this listener itself.
-    looped: bool,
 }
 
 impl Attempts {
@@ -156,7 +152,6 @@ impl Attempts {
             ids: Vec::new(),
             blamed: Vec::new(),
             turn: 0,
-            looped: false,
         }
     }
 
@@ -198,7 +193,7 @@ impl Attempts {
 enum Refusal {
     /// Every candidate failed, or there was none.
     NoBackend,
-    /// The only candidates were this listener itself.
+    /// The client is sluice itself, too many hops deep.
     Loop,
     /// This process is out of file descriptors.
     OutOfFds,
@@ -210,6 +205,8 @@ struct Connected {
     socket: Socket,
     /// Sees the pool close the backend's sessions, from before the connect.
     closing: Option<watch::Receiver<Option<CloseCause>>>,
+    /// Registered while it lives when it leads back into sluice.
+    _into_sluice: Option<loops::Registration>,
 }
 
 /// The longest time after a connect in which a backend closing a session
@@ -249,14 +246,11 @@ impl ListenerApp {
         active: Arc<AtomicI64>,
     ) -> Self {
         let connect_timeout = pool.generation().settings.connect_timeout;
-        let mut ports: Vec<u16> = settings.bind.iter().map(SocketAddr::port).collect();
-        ports.dedup();
         ListenerApp {
             name: settings.name.clone(),
             pool,
             max_connections: settings.max_connections,
             active,
-            ports,
             relay: relay::Options {
                 idle_timeout: settings.idle_timeout,
                 splice: settings.splice,
@@ -308,6 +302,15 @@ impl ListenerApp {
                 return;
             }
         }
+        // A client that is sluice itself, many hops deep: a proxy loop.
+        let hops = loops::hops_of(|| {
+            let c = client.get_ref();
+            c.peer_addr().ok().zip(c.local_addr().ok())
+        });
+        if hops >= loops::MAX_HOPS {
+            self.refuse(Refusal::Loop);
+            return;
+        }
         let generation = self.pool.generation();
         let needs_key = generation.needs_client_key();
         let client_addr = (needs_key || log::log_enabled!(log::Level::Debug))
@@ -323,7 +326,7 @@ impl ListenerApp {
         loop {
             // Boxed: the connect state is short-lived and must not size the
             // future every idle connection keeps.
-            let connected = match Box::pin(self.connect(&client, &key, &mut attempts)).await {
+            let connected = match Box::pin(self.connect(&key, &mut attempts, hops)).await {
                 Ok(connected) => connected,
                 Err(refusal) => {
                     self.refuse(refusal);
@@ -334,6 +337,7 @@ impl ListenerApp {
                 member,
                 socket: upstream,
                 closing,
+                _into_sluice,
             } = connected;
             let backend = &member.backend;
             let _open = backend.open_connection();
@@ -410,7 +414,18 @@ impl ListenerApp {
                     );
                 }
             }
-            Refusal::Loop => self.metrics.rejected_loop.inc(),
+            Refusal::Loop => {
+                self.metrics.rejected_loop.inc();
+                if let Some(skipped) = self.loop_log.allow() {
+                    error!(
+                        "listener {}: a client came through sluice itself {} times: pool {} leads back to sluice (a proxy loop); refused{}",
+                        self.name,
+                        loops::MAX_HOPS,
+                        self.pool.name,
+                        since_last(skipped)
+                    );
+                }
+            }
             Refusal::OutOfFds => {
                 self.metrics.rejected_fd_limit.inc();
                 if let Some(skipped) = self.no_backend_log.allow() {
@@ -427,9 +442,9 @@ impl ListenerApp {
     /// Connect to a backend, trying candidates while `attempts` last.
     async fn connect(
         &self,
-        client: &Socket,
         key: &[u8],
         attempts: &mut Attempts,
+        hops: u8,
     ) -> Result<Connected, Refusal> {
         let pool = &self.pool;
         let generation = pool.generation();
@@ -449,22 +464,20 @@ impl ListenerApp {
             let closing = watch_closing.then(|| backend.watch_closing());
             let _opening = backend.open_connection();
             let started = Instant::now();
-            match Self::connect_to(addr, timeout).await {
-                Ok(socket) if self.is_loop(client, &socket, addr) => {
-                    attempts.looped = true;
-                    if let Some(skipped) = self.loop_log.allow() {
-                        error!(
-                            "listener {}: backend {} of pool {} is this listener itself; fix the configuration{}",
-                            self.name,
-                            backend.address,
-                            pool.name,
-                            since_last(skipped)
-                        );
-                    }
-                    if attempts.first_failure(backend) {
-                        pool.observe_connect(backend, false, &"the backend is sluice itself");
-                    }
+            // Into one of sluice's own ports: follow the hops.
+            let into_sluice = loops::is_listen_port(addr.port());
+            let mut registration = None;
+            let connected = match socket::Outgoing::new(addr, into_sluice) {
+                Ok(outgoing) => {
+                    registration = outgoing
+                        .local_port()
+                        .filter(|_| into_sluice)
+                        .map(|port| loops::register(port, hops.saturating_add(1)));
+                    Self::connect_to(outgoing, addr, timeout).await
                 }
+                Err(e) => Err((ConnectErrorKind::Other, e)),
+            };
+            match connected {
                 Ok(socket) => {
                     backend
                         .metrics
@@ -476,6 +489,7 @@ impl ListenerApp {
                         member,
                         socket,
                         closing,
+                        _into_sluice: registration,
                     });
                 }
                 Err((_, e)) if is_local_resource_error(&e) => {
@@ -496,35 +510,16 @@ impl ListenerApp {
                 }
             }
         }
-        Err(if attempts.looped {
-            Refusal::Loop
-        } else {
-            Refusal::NoBackend
-        })
-    }
-
-    /// Whether `upstream`, just connected to `addr`, leads back to the
-    /// address `client` came in on: sluice proxying to itself. Only a
-    /// backend on one of the listener's ports can be, so others cost nothing.
-    fn is_loop(&self, client: &Socket, upstream: &Socket, addr: SocketAddr) -> bool {
-        if !self.ports.contains(&addr.port()) {
-            return false;
-        }
-        match (
-            upstream.get_ref().peer_addr(),
-            client.get_ref().local_addr(),
-        ) {
-            (Ok(peer), Ok(local)) => peer == local,
-            _ => false,
-        }
+        Err(Refusal::NoBackend)
     }
 
     /// One connect to `addr` within `timeout`.
     async fn connect_to(
+        outgoing: socket::Outgoing,
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<Socket, (ConnectErrorKind, io::Error)> {
-        match tokio::time::timeout(timeout, socket::connect(addr)).await {
+        match tokio::time::timeout(timeout, outgoing.connect(addr)).await {
             Ok(Ok(socket)) => Ok(socket),
             Ok(Err(e)) => {
                 let kind = match e.kind() {

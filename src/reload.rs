@@ -39,6 +39,12 @@ pub enum ReloadError {
     /// A shutdown has begun.
     #[error("shutting down; reload refused")]
     Draining,
+    /// The reload thread is gone (the process is exiting).
+    #[error("reloads are not available")]
+    Unavailable,
+    /// An error reported to a second waiter of the same reload.
+    #[error("{0}")]
+    Other(String),
 }
 
 impl ReloadError {
@@ -80,9 +86,74 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// The outcome of one reload, for whoever asked for it.
+pub type Outcome = Result<Summary, ReloadError>;
+
+/// Reloads run one at a time on a thread of their own, so that reading and
+/// parsing a file never holds up signal handling (SIGTERM acts at once, even
+/// during a slow reload) or the admin listener (`/metrics` keeps answering).
+/// Requests that arrive while one runs are served together by the next run:
+/// it reads the file as it is then.
+pub struct Reloader {
+    queue: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Outcome>>,
+}
+
+impl Reloader {
+    /// Start the reload thread for `state`; it ends with the process.
+    pub fn start(state: &Arc<State>) -> std::io::Result<Reloader> {
+        let (queue, requests) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Outcome>>();
+        let state = Arc::downgrade(state);
+        std::thread::Builder::new()
+            .name("sluice-reload".to_string())
+            .spawn(move || {
+                while let Ok(first) = requests.recv() {
+                    let mut waiting = vec![first];
+                    waiting.extend(requests.try_iter());
+                    let Some(state) = state.upgrade() else {
+                        return;
+                    };
+                    let outcome = state.reload();
+                    for w in waiting {
+                        let again = match &outcome {
+                            Ok(summary) => Ok(summary.clone()),
+                            Err(e) => Err(e.duplicate()),
+                        };
+                        let _ = w.send(again);
+                    }
+                }
+            })?;
+        Ok(Reloader { queue })
+    }
+
+    /// Ask for a reload; the receiver gets its outcome (logged and counted
+    /// either way, so a caller may drop it).
+    pub fn request(&self) -> tokio::sync::oneshot::Receiver<Outcome> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.queue.send(tx) {
+            let _ = e.0.send(Err(ReloadError::Unavailable));
+        }
+        rx
+    }
+}
+
+impl ReloadError {
+    /// The same error for a second waiter (I/O errors are not `Clone`).
+    fn duplicate(&self) -> ReloadError {
+        match self {
+            ReloadError::Draining => ReloadError::Draining,
+            ReloadError::Unavailable => ReloadError::Unavailable,
+            ReloadError::Config(ConfigError::Invalid(p)) => {
+                ReloadError::Config(ConfigError::Invalid(p.clone()))
+            }
+            other => ReloadError::Other(other.to_string()),
+        }
+    }
+}
+
 impl State {
-    /// Re-read the configuration file and apply it. The running
-    /// configuration stays in force when this fails.
+    /// Re-read the configuration file and apply it, on the calling thread.
+    /// The running configuration stays in force when this fails. A shutdown
+    /// that begins while the file is read wins: nothing is applied.
     pub fn reload(&self) -> Result<Summary, ReloadError> {
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let result = if self.is_draining() {
@@ -91,6 +162,10 @@ impl State {
             Config::load(&self.path)
                 .map_err(ReloadError::from)
                 .and_then(|next| {
+                    // Reading may have taken a while: a shutdown since wins.
+                    if self.is_draining() {
+                        return Err(ReloadError::Draining);
+                    }
                     self.check_binds(&current, &next)
                         .map(|()| next)
                         .map_err(ReloadError::from)
@@ -99,6 +174,11 @@ impl State {
         match result {
             Ok(next) => {
                 let summary = self.apply(&current, &next);
+                crate::loops::set_listen_ports(
+                    next.listeners
+                        .iter()
+                        .flat_map(|l| l.bind.iter().map(|a| a.port())),
+                );
                 *current = next;
                 self.metrics.reloaded(true);
                 for w in &current.warnings {

@@ -42,6 +42,12 @@ pub struct RunOptions {
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A thread could not be started.
+    #[error("cannot start the reload thread: {source}")]
+    Thread {
+        /// Why.
+        source: std::io::Error,
+    },
     /// An address cannot be listened on.
     #[error("cannot listen on {addr} ({path}): {source}")]
     Bind {
@@ -100,6 +106,12 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
     if !options.upgrade {
         check_binds(&config)?;
     }
+    crate::loops::set_listen_ports(
+        config
+            .listeners
+            .iter()
+            .flat_map(|l| l.bind.iter().map(|a| a.port())),
+    );
     let metrics = Arc::new(Metrics::new());
     metrics.config_loaded_now();
     let roles = RoleBook::new();
@@ -145,6 +157,10 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         Arc::clone(&traffic),
         Arc::clone(&health),
     );
+
+    state
+        .start_reloader()
+        .map_err(|source| StartError::Thread { source })?;
 
     if let Some(bind) = admin_bind {
         let app = AdminApp::new(Arc::clone(&state));

@@ -29,6 +29,8 @@ pub struct State {
     pub(crate) config: Mutex<Config>,
     pub(crate) path: PathBuf,
     draining: AtomicBool,
+    /// The reload thread, once started.
+    reloader: std::sync::OnceLock<crate::reload::Reloader>,
 }
 
 impl State {
@@ -51,7 +53,27 @@ impl State {
             config: Mutex::new(config),
             path,
             draining: AtomicBool::new(false),
+            reloader: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Start the thread that runs reloads.
+    pub fn start_reloader(self: &Arc<Self>) -> std::io::Result<()> {
+        let reloader = crate::reload::Reloader::start(self)?;
+        let _ = self.reloader.set(reloader);
+        Ok(())
+    }
+
+    /// Ask for a reload off the calling thread; the receiver gets its outcome.
+    pub fn request_reload(&self) -> tokio::sync::oneshot::Receiver<crate::reload::Outcome> {
+        match self.reloader.get() {
+            Some(r) => r.request(),
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let _ = tx.send(Err(crate::reload::ReloadError::Unavailable));
+                rx
+            }
+        }
     }
 
     /// The current pools, in configuration order.

@@ -195,3 +195,76 @@ async fn daemon_mode_writes_its_pid_file_serves_and_stops_on_sigterm() {
     };
     wait_until("daemon exited", || async move { exited() }).await;
 }
+
+/// Replace `path` by a FIFO nobody writes to: opening it for reading blocks.
+fn make_fifo(path: &std::path::Path) {
+    std::fs::remove_file(path).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo");
+}
+
+/// Issue 9, item 3: a reload that cannot finish (the config path became a
+/// FIFO) holds up neither the admin listener nor SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_reload_that_cannot_finish_still_drains_at_once() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let sluice = Sluice::start(&config(port, echo.addr, "1s", "2s")).await;
+    make_fifo(&sluice.config_path);
+    sluice.signal(Signal::SIGHUP);
+    let admin = sluice.admin;
+    let post = tokio::spawn(async move { http_request(admin, "POST", "/api/v1/reload").await });
+    // The admin listener still answers at once.
+    let metrics = tokio::time::timeout(Duration::from_secs(5), http_get(admin, "/metrics")).await;
+    assert!(
+        matches!(metrics, Ok(Ok((200, _)))),
+        "/metrics answers during the reload: {metrics:?}"
+    );
+    let started = Instant::now();
+    sluice.signal(Signal::SIGTERM);
+    wait_until("unready at once after SIGTERM", || async {
+        matches!(http_get(admin, "/readyz").await, Ok((503, _)) | Err(_))
+    })
+    .await;
+    let status = sluice.wait_exit(DEADLINE).await;
+    assert!(status.success(), "{status:?}");
+    let took = started.elapsed();
+    // grace_period + shutdown_timeout, with room for a slow machine.
+    assert!(took < Duration::from_secs(3 + 5), "exit took {took:?}");
+    // The POST got an answer or lost its connection when the process
+    // exited; either way it did not hang the admin.
+    let _ = tokio::time::timeout(DEADLINE, post).await.unwrap();
+}
+
+/// A shutdown during start-up (the first check round still running) drains
+/// and exits like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_exits_within_the_drain_times() {
+    let hole = Blackhole::new();
+    let port = reserve_port();
+    let yaml = format!(
+        "server: {{ grace_period: 1s, shutdown_timeout: 2s }}\n{}",
+        front_to_app(
+            port,
+            "",
+            &format!(
+                "health_check: {{ interval: 9s, timeout: 8s }}\nbackends: ['{}']",
+                hole.addr
+            )
+        )
+    );
+    let sluice = Sluice::spawn(&yaml);
+    wait_until("the admin answers", || async {
+        http_get(sluice.admin, "/healthz").await.is_ok()
+    })
+    .await;
+    let started = Instant::now();
+    sluice.signal(Signal::SIGTERM);
+    let status = sluice.wait_exit(DEADLINE).await;
+    assert!(status.success(), "{status:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3 + 5), "exit took {took:?}");
+}

@@ -503,3 +503,47 @@ async fn a_backend_closing_an_idle_session_ends_it_and_is_not_a_failed_connect()
     assert_eq!(sluice.backend_state("app", closer).await, "up");
     assert_eq!(m.value("sluice_backend_up", &on_closer), 1.0);
 }
+
+/// Issue 9, item 6 (at run time): two listeners that forward to each other
+/// make a loop no single address reveals; the chain is followed and cut
+/// after a few hops, with the client refused rather than the fd table
+/// filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_loop_through_two_listeners_is_cut_and_counted() {
+    let (pa, pb) = (reserve_port(), reserve_port());
+    let yaml = format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n  a: {{ bind: 127.0.0.1:{pa}, pool: to_b }}\n  b: {{ bind: 127.0.0.1:{pb}, pool: to_a }}\n\
+         pools:\n  to_b: {{ health_check: {{ interval: 100ms, timeout: 100ms }}, backends: ['127.0.0.1:{pb}'] }}\n  \
+         to_a: {{ health_check: {{ interval: 100ms, timeout: 100ms }}, backends: ['127.0.0.1:{pa}'] }}\n"
+    );
+    let sluice = Sluice::start(&yaml).await;
+    // Each pool's backend is the other listener, open only after the
+    // first round: wait until the checks see them up.
+    sluice.wait_active("to_b", &[addr(pb)]).await;
+    sluice.wait_active("to_a", &[addr(pa)]).await;
+    let fds_before = sluice.open_fds();
+    let mut c = TcpStream::connect(addr(pa)).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, c.read_to_end(&mut got)).await;
+    assert!(ended.is_ok(), "the looping client is closed");
+    assert!(got.is_empty());
+    let m = sluice.metrics().await;
+    let loops: f64 = ["a", "b"]
+        .iter()
+        .map(|l| {
+            m.value(
+                "sluice_listener_rejected_total",
+                &[("listener", l), ("reason", "loop")],
+            )
+        })
+        .sum();
+    // The health checks of both pools loop too (they reach the listeners).
+    assert!(loops >= 1.0, "the chain is cut by a refusal");
+    sluice.wait_log("proxy loop").await;
+    // Bounded: a few chains of at most MAX_HOPS connections (the checks'
+    // included), never the fd table filling up.
+    let fds = sluice.open_fds();
+    assert!(fds < fds_before + 100, "{fds} fds, {fds_before} before");
+}

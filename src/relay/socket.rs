@@ -82,19 +82,54 @@ pub fn forget_in_table(fds: &ListenFds, remove: &std::collections::HashSet<Strin
 
 /// A non-blocking connect to `addr`, registered with the runtime.
 pub async fn connect(addr: SocketAddr) -> io::Result<Socket> {
-    let kind = socket2::Type::STREAM.nonblocking().cloexec();
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
-    socket.set_tcp_nodelay(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
+    Outgoing::new(addr, false)?.connect(addr).await
+}
+
+/// An outgoing socket before its connect.
+pub struct Outgoing(socket2::Socket);
+
+impl Outgoing {
+    /// A socket for a connect to `addr`. With `bind_first`, it takes its
+    /// local port now (bound to the unspecified address), so the port is
+    /// known before a single packet leaves.
+    pub fn new(addr: SocketAddr, bind_first: bool) -> io::Result<Outgoing> {
+        let kind = socket2::Type::STREAM.nonblocking().cloexec();
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+        socket.set_tcp_nodelay(true)?;
+        if bind_first {
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            socket.bind(&any.into())?;
+        }
+        Ok(Outgoing(socket))
     }
-    let socket = register(std::net::TcpStream::from(socket))?;
-    // Writable means the handshake is over: done, or failed with SO_ERROR set.
-    let _ready = socket.writable().await?;
-    match socket.get_ref().take_error()? {
-        Some(e) => Err(e),
-        None => Ok(socket),
+
+    /// The local port, once bound.
+    pub fn local_port(&self) -> Option<u16> {
+        self.0
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .filter(|&p| p != 0)
+    }
+
+    /// Connect, registered with the runtime.
+    pub async fn connect(self, addr: SocketAddr) -> io::Result<Socket> {
+        let socket = self.0;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let socket = register(std::net::TcpStream::from(socket))?;
+        // Writable means the handshake is over: done, or failed with SO_ERROR set.
+        let _ready = socket.writable().await?;
+        match socket.get_ref().take_error()? {
+            Some(e) => Err(e),
+            None => Ok(socket),
+        }
     }
 }
