@@ -126,3 +126,114 @@ async fn upgrade_under_load_refuses_and_resets_nothing() {
     let mut last = TcpStream::connect(addr(held_port)).await.unwrap();
     echo(&mut last, "after the second upgrade\n").await;
 }
+
+/// `n` listeners `l0`, `l1`, … on `ports`, all to one pool on `backend`,
+/// handing over through `sock`.
+fn many_listeners(sock: &std::path::Path, ports: &[u16], backend: SocketAddr) -> String {
+    let listeners: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("  l{i}: {{ bind: 127.0.0.1:{p}, pool: app }}\n"))
+        .collect();
+    format!(
+        "server: {{ upgrade_sock: '{}', shutdown_timeout: 30s }}\n\
+         admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n{listeners}\
+         pools:\n  app: {{ backends: ['{backend}'] }}\n",
+        sock.display()
+    )
+}
+
+/// Connections completed so far on each listener.
+fn served(loads: &[std::sync::Arc<Load>]) -> Vec<usize> {
+    loads.iter().map(|l| l.ok()).collect()
+}
+
+/// Wait until every listener has served `more` connections past `since`,
+/// failing at once (with its log) if `process` exits meanwhile.
+async fn every_listener_serves(
+    loads: &[std::sync::Arc<Load>],
+    since: &[usize],
+    more: usize,
+    process: &Sluice,
+    what: &str,
+) {
+    wait_until(what, || async {
+        if let Some(status) = process.try_wait() {
+            panic!(
+                "{what}: the process exited ({status}); log:\n{}",
+                process.log()
+            );
+        }
+        loads
+            .iter()
+            .zip(since)
+            .all(|(l, &before)| l.ok() >= before + more)
+    })
+    .await;
+}
+
+/// Hand `from`'s listening sockets to a new `sluice -u`: every listener
+/// serves through the new process while `from` drains and exits 0.
+async fn hand_over(
+    from: &Sluice,
+    sock: &std::path::Path,
+    loads: &[std::sync::Arc<Load>],
+) -> Sluice {
+    let next = from.spawn_next(&["-u"]);
+    wait_until("the new process waits on the upgrade socket", || async {
+        sock.exists()
+    })
+    .await;
+    from.signal(Signal::SIGQUIT);
+    // Once the old process stops accepting, only the new one can serve.
+    from.wait_log("listeners closed").await;
+    let at_close = served(loads);
+    every_listener_serves(
+        loads,
+        &at_close,
+        5,
+        &next,
+        "every listener serving through the new process",
+    )
+    .await;
+    let status = from.wait_exit(DEADLINE).await;
+    assert!(status.success(), "old process exit: {status:?}");
+    next.wait_ready().await;
+    next
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_carries_100_listeners_under_load_twice() {
+    const LISTENERS: usize = 100;
+    let a = Backend::start("a", Behavior::Name).await;
+    let ports: Vec<u16> = (0..LISTENERS).map(|_| reserve_port()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let old = Sluice::start(&many_listeners(&sock, &ports, a.addr)).await;
+
+    // One client loop per listener, connecting one connection after another.
+    let loads: Vec<_> = ports
+        .iter()
+        .map(|&p| Load::start(addr(p), 1, 1_000_000, Exchange::Name))
+        .collect();
+    every_listener_serves(&loads, &[0; LISTENERS], 5, &old, "every listener serving").await;
+
+    let new = hand_over(&old, &sock, &loads).await;
+    let newer = hand_over(&new, &sock, &loads).await;
+
+    let mut ok = 0;
+    let mut failed = 0;
+    let mut errors = Vec::new();
+    for l in &loads {
+        let (o, f, e) = l.finish().await;
+        ok += o;
+        failed += f;
+        errors.extend(e);
+    }
+    println!(
+        "two upgrades of {LISTENERS} listeners under load: {ok} connections served, {failed} failed"
+    );
+    assert_eq!(failed, 0, "connections lost in the handovers: {errors:?}");
+    assert!(newer.try_wait().is_none());
+}
