@@ -220,7 +220,14 @@ async fn upgrade_carries_100_listeners_under_load_twice() {
     every_listener_serves(&loads, &[0; LISTENERS], 5, &old, "every listener serving").await;
 
     let new = hand_over(&old, &sock, &loads).await;
+    // Two batches (64 + 36) over sluice's own handover; pingora's carries
+    // only the admin socket.
+    old.wait_log("handed 100 listening socket(s)").await;
+    new.wait_log("took over 100 listening socket(s)").await;
+    assert!(old.log().contains("in 2 batch(es)"), "{}", old.log());
     let newer = hand_over(&new, &sock, &loads).await;
+    new.wait_log("handed 100 listening socket(s)").await;
+    newer.wait_log("took over 100 listening socket(s)").await;
 
     let mut ok = 0;
     let mut failed = 0;
@@ -236,4 +243,104 @@ async fn upgrade_carries_100_listeners_under_load_twice() {
     );
     assert_eq!(failed, 0, "connections lost in the handovers: {errors:?}");
     assert!(newer.try_wait().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_without_a_new_process_keeps_serving() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let front = reserve_port();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let yaml = format!(
+        "server: {{ upgrade_sock: '{}', shutdown_timeout: 30s }}\n{}",
+        sock.display(),
+        front_to_app(front, "", &format!("backends: ['{}']", a.addr))
+    );
+    let old = Sluice::start(&yaml).await;
+    let load = Load::start(addr(front), 2, 1_000_000, Exchange::Name);
+    wait_until("load flowing", || async { load.ok() > 50 }).await;
+
+    // SIGQUIT, but no `sluice -u` is waiting.
+    old.signal(Signal::SIGQUIT);
+    old.wait_log("upgrade failed: no new process is waiting")
+        .await;
+    assert!(
+        old.log().contains("keeps its listeners and serves on"),
+        "{}",
+        old.log()
+    );
+    let after = load.ok();
+    // Had it gone on with pingora's upgrade, pingora would retry its own
+    // handover for five seconds, wait five more and close the listeners:
+    // watch longer than that.
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < std::time::Duration::from_secs(12) {
+        assert!(old.try_wait().is_none(), "the old process exited");
+        assert!(!old.log().contains("listeners closed"), "{}", old.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(load.ok() > after + 200, "load served meanwhile");
+    let (status, _) = http_get(old.admin, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "still ready: nothing began to drain");
+
+    // A real upgrade afterwards still works.
+    let new = old.spawn_next(&["-u"]);
+    wait_until("the new process waits on the upgrade socket", || async {
+        sock.exists()
+    })
+    .await;
+    old.signal(Signal::SIGQUIT);
+    old.wait_log("handed 1 listening socket(s)").await;
+    old.wait_log("listeners closed").await;
+    let handed_over = load.ok();
+    wait_until("load flowing through the new process", || async {
+        load.ok() > handed_over + 200
+    })
+    .await;
+    assert!(old.wait_exit(DEADLINE).await.success());
+    let (ok, failed, errors) = load.finish().await;
+    println!(
+        "SIGQUIT without a new process, then an upgrade: {ok} connections served, {failed} failed"
+    );
+    assert_eq!(failed, 0, "connections lost: {errors:?}");
+    new.wait_ready().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_closes_the_sockets_the_new_configuration_drops() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let (kept, dropped) = (reserve_port(), reserve_port());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let config = |ports: &[(&str, u16)]| {
+        let listeners: String = ports
+            .iter()
+            .map(|(n, p)| format!("  {n}: {{ bind: 127.0.0.1:{p}, pool: app }}\n"))
+            .collect();
+        format!(
+            "server: {{ upgrade_sock: '{}', shutdown_timeout: 30s }}\n\
+             admin: {{ bind: '{{admin}}' }}\n\
+             listeners:\n{listeners}\
+             pools:\n  app: {{ backends: ['{}'] }}\n",
+            sock.display(),
+            a.addr
+        )
+    };
+    let old = Sluice::start(&config(&[("kept", kept), ("dropped", dropped)])).await;
+    assert!(!read_all(addr(dropped)).await.is_empty());
+    // The new process starts on a configuration without `dropped`.
+    old.rewrite_config(&config(&[("kept", kept)]));
+    let new = old.spawn_next(&["-u"]);
+    wait_until("the new process waits on the upgrade socket", || async {
+        sock.exists()
+    })
+    .await;
+    old.signal(Signal::SIGQUIT);
+    new.wait_log("closed 1 inherited listening socket(s) the configuration does not listen on")
+        .await;
+    assert!(old.wait_exit(DEADLINE).await.success());
+    new.wait_ready().await;
+    assert!(!read_all(addr(kept)).await.is_empty());
+    let refused = TcpStream::connect(addr(dropped)).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 }
