@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, IntoRawFd};
 use std::thread;
 
 use super::*;
@@ -362,4 +362,38 @@ fn only_a_socket_file_is_replaced() {
         Err(HandoverError::NotASocket { .. })
     ));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+}
+
+#[test]
+fn a_listener_in_pingoras_table_is_taken_out_of_it() {
+    // A sluice from before its own handover left its listeners in pingora's table.
+    let original = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = original.local_addr().unwrap();
+    let table: pingora::server::ListenFds = Arc::new(pingora::server::Fds::new().into());
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    {
+        let mut t = table.lock();
+        t.add(
+            addr.to_string(),
+            original.as_fd().try_clone_to_owned().unwrap().into_raw_fd(),
+        );
+        t.add("admin".to_string(), admin.as_raw_fd());
+    }
+    let taken = fds::take_from_table(&table, &addr.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.local_addr().unwrap(), addr);
+    assert!(table.lock().get(&addr.to_string()).is_none());
+    assert_eq!(fds::table_len(&table), 1, "the admin entry stays");
+    assert!(
+        fds::take_from_table(&table, "127.0.0.1:1")
+            .unwrap()
+            .is_none()
+    );
+    // Ours and the original are the only copies left: the table's is closed.
+    drop(original);
+    let _client = TcpStream::connect(addr).unwrap();
+    taken.accept().unwrap();
+    drop(taken);
+    assert!(refused(addr), "{addr} still listened on");
 }

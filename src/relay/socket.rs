@@ -82,7 +82,8 @@ pub fn take_from_table(fds: &ListenFds, key: &str) -> io::Result<Option<std::net
     // SAFETY: the table keeps `fd` open until `close_unclaimed` closes it,
     // and that only runs under the table's lock, which we hold until after
     // the copy is made. pingora's own listeners take entries only for
-    // pingora's services' addresses (admin), never a sluice listener's.
+    // pingora's services' addresses (admin), never a sluice listener's:
+    // validation keeps `admin.bind` apart from every listener address.
     let copy = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
     let keep = table
         .serialize()
