@@ -7,7 +7,8 @@
 //! | [`cli`] | flags, `-t`, start-up |
 //! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
 //! | [`server`] | turning a config into pingora services and running them |
-//! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals, upgrade handover |
+//! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals |
+//! | [`handover`] | carrying the listening sockets to `sluice -u` on SIGQUIT, any number of them |
 //! | [`listener`] | one client: admission, backend connect with retries and passive health, relay |
 //! | [`loops`] | detecting sluice proxying to itself |
 //! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting |
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod handover;
 pub mod health;
 pub mod lifecycle;
 pub mod listener;

@@ -3,21 +3,25 @@
 //! - [`Signals`] replaces pingora's signal watcher. SIGTERM makes sluice
 //!   unready at once but keeps listeners open for `grace_period` (so a load
 //!   balancer in front can stop sending), then closes them; SIGINT exits at
-//!   once; SIGQUIT hands listeners to a new process (`sluice -u`); SIGHUP
-//!   reloads the configuration file.
+//!   once; SIGQUIT hands listeners to a new process (`sluice -u`) and drains
+//!   only once that process holds them all (else it logs why and serves on);
+//!   SIGHUP reloads the configuration file.
 //! - [`DrainService`] exits the process as soon as the last open connection
 //!   finishes after listeners closed, or when `shutdown_timeout` runs out.
 //!   pingora's own grace sleep is only a backstop behind it.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use log::{info, warn};
+use log::{error, info, warn};
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::config::DEFAULT_UPGRADE_SOCK;
+use crate::handover::{self, HandoverError, Sent};
 use crate::state::State;
 use crate::traffic::Traffic;
 
@@ -26,6 +30,8 @@ pub struct Signals {
     state: Arc<State>,
     grace_period: Duration,
     shutdown_timeout: Duration,
+    /// Where a new process waits for the listening sockets.
+    handover: PathBuf,
 }
 
 impl Signals {
@@ -35,6 +41,31 @@ impl Signals {
             state,
             grace_period,
             shutdown_timeout,
+            handover: handover::path_for(DEFAULT_UPGRADE_SOCK),
+        }
+    }
+
+    /// Hand listeners over next to pingora's `upgrade_sock` (`server.upgrade_sock`).
+    pub fn upgrade_sock(mut self, upgrade_sock: &str) -> Self {
+        self.handover = handover::path_for(upgrade_sock);
+        self
+    }
+
+    /// Hand every listening socket to the new process; draining begins only
+    /// once it holds them all. No reload may add or close a listener from the
+    /// first socket sent on: the new process would miss it.
+    async fn hand_over(&self) -> Result<Sent, HandoverError> {
+        let state = Arc::clone(&self.state);
+        let path = self.handover.clone();
+        let blocking = tokio::task::spawn_blocking(move || {
+            let _no_reload = state.config.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = state.traffic.hand_over(&path)?;
+            state.begin_drain();
+            Ok(sent)
+        });
+        match blocking.await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(HandoverError::Task(e.to_string())),
         }
     }
 }
@@ -60,9 +91,30 @@ impl ShutdownSignalWatch for Signals {
                     return ShutdownSignal::FastShutdown;
                 }
                 _ = quit.recv() => {
-                    self.state.begin_drain();
-                    info!("SIGQUIT received: handing listeners to the new process");
-                    return ShutdownSignal::GracefulUpgrade;
+                    info!(
+                        "SIGQUIT received: handing listeners to the new process over {}",
+                        self.handover.display()
+                    );
+                    let outcome = tokio::select! {
+                        outcome = self.hand_over() => outcome,
+                        _ = int.recv() => {
+                            info!("SIGINT received: exiting now");
+                            return ShutdownSignal::FastShutdown;
+                        }
+                    };
+                    match outcome {
+                        Ok(sent) => {
+                            info!(
+                                "handed {} listening socket(s) to process {} in {} batch(es); draining",
+                                sent.sockets, sent.pid, sent.batches
+                            );
+                            // pingora hands over its own table (the admin socket) next.
+                            return ShutdownSignal::GracefulUpgrade;
+                        }
+                        Err(e) => error!(
+                            "upgrade failed: {e}; this process keeps its listeners and serves on"
+                        ),
+                    }
                 }
                 _ = term.recv() => {
                     self.state.begin_drain();

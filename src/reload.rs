@@ -25,7 +25,7 @@ use log::{error, info, warn};
 use crate::config::{Config, ConfigError};
 use crate::pool::Pool;
 use crate::state::State;
-use crate::traffic::BindError;
+use crate::traffic::{BindError, Prepared};
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -166,14 +166,14 @@ impl State {
                     if self.is_draining() {
                         return Err(ReloadError::Draining);
                     }
-                    self.check_binds(&current, &next)
-                        .map(|()| next)
+                    self.bind_new(&current, &next)
+                        .map(|bound| (next, bound))
                         .map_err(ReloadError::from)
                 })
         };
         match result {
-            Ok(next) => {
-                let summary = self.apply(&current, &next);
+            Ok((next, bound)) => {
+                let summary = self.apply(&current, &next, bound);
                 crate::loops::set_listen_ports(
                     next.listeners
                         .iter()
@@ -210,21 +210,33 @@ impl State {
         }
     }
 
-    /// Every address a changed or new listener needs and sluice does not hold yet can be bound.
-    fn check_binds(&self, current: &Config, next: &Config) -> Result<(), BindError> {
+    /// Bind every listener that is new or has new addresses, before anything
+    /// changes: either all of them can be bound, or the reload is refused
+    /// and what was bound is closed again (nothing half-added).
+    fn bind_new(
+        &self,
+        current: &Config,
+        next: &Config,
+    ) -> Result<HashMap<String, Prepared>, BindError> {
+        let mut bound = HashMap::new();
         for l in &next.listeners {
             let same = current
                 .listeners
                 .iter()
                 .any(|c| c.name == l.name && c.bind == l.bind);
             if !same {
-                self.traffic.check_binds(l)?;
+                bound.insert(l.name.clone(), self.traffic.prepare(l)?);
             }
         }
-        Ok(())
+        Ok(bound)
     }
 
-    fn apply(&self, current: &Config, next: &Config) -> Summary {
+    fn apply(
+        &self,
+        current: &Config,
+        next: &Config,
+        mut bound: HashMap<String, Prepared>,
+    ) -> Summary {
         let mut summary = Summary::default();
         if current.server != next.server {
             summary.needs_restart.push("server".to_string());
@@ -315,10 +327,12 @@ impl State {
                     }
                 }
                 existing => {
-                    // Binds were checked above; a failure now is a race with another process.
-                    if let Err(e) = self.traffic.start(l, pool) {
-                        error!("reload: {e}");
-                    } else if existing.is_some() {
+                    // Bound by `bind_new`, which covers every such listener.
+                    let Some(prepared) = bound.remove(&l.name) else {
+                        continue;
+                    };
+                    self.traffic.launch(prepared, pool);
+                    if existing.is_some() {
                         summary.listeners.2 += 1;
                     } else {
                         summary.listeners.0 += 1;

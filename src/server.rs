@@ -7,6 +7,9 @@
 //!  ├─ listeners  traffic::TrafficService (every listener; waits for BG health)
 //!  └─ BG drain   lifecycle::DrainService
 //! ```
+//!
+//! With `-u`, sluice's own handover ([`crate::handover`]) waits for the old
+//! process's listening sockets while pingora's bootstrap waits for pingora's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::handover::{self, HandoverError, Receiver};
 use crate::health::{HealthChecks, HealthService};
 use crate::lifecycle::{DrainService, Signals};
 use crate::metrics::Metrics;
@@ -58,6 +62,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// `-u`: the listening sockets cannot be taken over.
+    #[error("upgrade: {0}")]
+    Handover(#[from] HandoverError),
 }
 
 /// Check that every configured address can be bound, so a port conflict is a
@@ -82,6 +89,20 @@ fn check_binds(config: &Config) -> Result<(), StartError> {
         })?;
     }
     Ok(())
+}
+
+/// Every address the listeners of `config` listen on.
+fn wanted_addresses(config: &Config) -> Vec<handover::Wanted> {
+    config
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.bind.iter().map(|&addr| handover::Wanted {
+                path: format!("listeners.{}.bind", l.name),
+                addr,
+            })
+        })
+        .collect()
 }
 
 /// The pingora `ServerConf` for our settings.
@@ -141,13 +162,32 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, &options));
+    // Listen for sluice's handover before pingora's bootstrap blocks for
+    // pingora's: on SIGQUIT the old process sends ours first.
+    let receiver = if options.upgrade {
+        Some(Receiver::listen(
+            &config.server.upgrade_sock,
+            wanted_addresses(&config),
+        )?)
+    } else {
+        None
+    };
     server.bootstrap();
+    match receiver.map(Receiver::finish) {
+        Some(Some(inherited)) => traffic.inherit(inherited.sockets),
+        Some(None) => info!(
+            "no listening sockets came over {}: taking the listeners from pingora's handover (the old process is a sluice from before its own handover)",
+            handover::path_for(&config.server.upgrade_sock).display()
+        ),
+        None => {}
+    }
 
     for w in &config.warnings {
         warn!("{w}");
     }
     let (grace, timeout) = (config.server.grace_period, config.server.shutdown_timeout);
     let admin_bind = config.admin.as_ref().map(|a| a.bind);
+    let upgrade_sock = config.server.upgrade_sock.clone();
     let state = State::new(
         options.config_path.clone(),
         config,
@@ -180,7 +220,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
     ));
 
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals::new(state, grace, timeout)),
+        shutdown_signal: Box::new(Signals::new(state, grace, timeout).upgrade_sock(&upgrade_sock)),
     });
     Ok(())
 }

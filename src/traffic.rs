@@ -2,9 +2,10 @@
 //!
 //! [`Traffic`] owns every listening socket and its accept loop, so a reload
 //! can add, change and remove listeners in place while established
-//! connections run on. Each socket is also entered in pingora's listener-fd
-//! table, so SIGQUIT still hands every listener to a process started with
-//! `-u` (which finds them there and takes them over instead of binding).
+//! connections run on. It also keeps a copy of each socket by address, which
+//! SIGQUIT hands to a process started with `-u` ([`crate::handover`], any
+//! number of them); that process takes the sockets it inherited instead of
+//! binding. pingora's own listener-fd table carries only pingora's sockets.
 //!
 //! Accepted connections go straight to [`ListenerApp::serve`] on a task of
 //! their own. Out of file descriptors, a listener keeps one spare descriptor
@@ -15,7 +16,9 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -31,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ListenerSettings};
+use crate::handover::{self, HandoverError, Sent};
 use crate::listener::{ListenerApp, LogLimiter, OpenConnections};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -82,12 +86,22 @@ pub struct Traffic {
     started: AtomicBool,
     spare: Mutex<Option<File>>,
     fd_log: LogLimiter,
-    /// Addresses whose socket sluice keeps in pingora's listener-fd table.
-    held: Mutex<HashSet<String>>,
+    /// A copy of every listening socket, by address, for the next upgrade.
+    held: Mutex<HashMap<String, TcpListener>>,
+    /// Sockets taken over from the previous process, not claimed yet.
+    inherited: Mutex<HashMap<String, TcpListener>>,
     /// Set once shutdown has stopped every accept loop and closed the sockets.
     closed: watch::Sender<bool>,
     /// Clients being served, per listener name.
     client_counts: Mutex<HashMap<String, Arc<AtomicI64>>>,
+}
+
+/// A listener's sockets, bound but not accepting yet.
+pub struct Prepared {
+    settings: ListenerSettings,
+    /// Address, the copy kept for upgrades, the socket the loop accepts on;
+    /// `None` before the service starts (then it starts with the others).
+    bound: Option<Vec<(String, TcpListener, AsyncFd<TcpListener>)>>,
 }
 
 /// The pingora service that hosts [`Traffic`].
@@ -116,7 +130,8 @@ impl Traffic {
             started: AtomicBool::new(false),
             spare: Mutex::new(File::open("/dev/null").ok()),
             fd_log: LogLimiter::new(),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
+            inherited: Mutex::new(HashMap::new()),
             closed: watch::Sender::new(false),
             client_counts: Mutex::new(HashMap::new()),
         })
@@ -143,18 +158,22 @@ impl Traffic {
         lock(&self.running).keys().cloned().collect()
     }
 
-    /// Bind a listening socket: take it from the sockets inherited on upgrade
-    /// when there is one for `addr`, else bind anew; enter a copy in
-    /// pingora's table for the next upgrade.
-    fn bind(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    /// The listening sockets taken over from the previous process (`-u`),
+    /// by address; [`start`](Self::start) uses them instead of binding.
+    pub fn inherit(&self, sockets: HashMap<String, TcpListener>) {
+        lock(&self.inherited).extend(sockets);
+    }
+
+    /// A listening socket for `addr`: a copy of the one sluice already
+    /// holds (a listener that keeps an address across a reload), the one
+    /// inherited on upgrade, or a new one.
+    fn socket_for(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let key = addr.to_string();
-        let fds = self.context.get().and_then(|c| c.fds.as_ref());
-        if let Some(fds) = fds {
-            let inherited = fds.lock().get(&key).copied();
-            if let Some(fd) = inherited {
-                lock(&self.held).insert(key);
-                return socket::listener_from_inherited(fd);
-            }
+        if let Some(held) = lock(&self.held).get(&key) {
+            return held.try_clone();
+        }
+        if let Some(inherited) = self.take_inherited(&key)? {
+            return Ok(inherited);
         }
         let s = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -164,20 +183,47 @@ impl Traffic {
         s.set_reuse_address(true)?;
         s.bind(&addr.into())?;
         s.listen(BACKLOG)?;
-        let listener: std::net::TcpListener = s.into();
-        if let Some(fds) = fds {
-            socket::enter_in_table(fds, key.clone(), &listener)?;
-            lock(&self.held).insert(key);
+        Ok(s.into())
+    }
+
+    /// The socket for `key` inherited through sluice's handover or, from a
+    /// sluice before it, through pingora's table.
+    fn take_inherited(&self, key: &str) -> io::Result<Option<TcpListener>> {
+        if let Some(inherited) = lock(&self.inherited).remove(key) {
+            return Ok(Some(inherited));
         }
-        Ok(listener)
+        match self.context.get().and_then(|c| c.fds.as_ref()) {
+            Some(fds) => socket::take_from_table(fds, key),
+            None => Ok(None),
+        }
     }
 
     /// Whether sluice holds a listening socket for `addr` (its own or inherited).
     fn holds(&self, addr: SocketAddr) -> bool {
-        self.context
+        let key = addr.to_string();
+        lock(&self.held).contains_key(&key)
+            || lock(&self.inherited).contains_key(&key)
+            || self
+                .context
+                .get()
+                .and_then(|c| c.fds.as_ref())
+                .is_some_and(|fds| fds.lock().get(&key).is_some())
+    }
+
+    /// SIGQUIT: hand every listening socket to the new process waiting on
+    /// `path` ([`handover::send`]); `Ok` once it confirmed it holds them all.
+    /// Listeners cannot be added or closed meanwhile.
+    pub fn hand_over(&self, path: &Path) -> Result<Sent, HandoverError> {
+        let held = lock(&self.held);
+        let mut sockets: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
+            held.iter().map(|(a, l)| (a.as_str(), l.as_fd())).collect();
+        sockets.sort_unstable_by_key(|(a, _)| *a);
+        let pingora = self
+            .context
             .get()
             .and_then(|c| c.fds.as_ref())
-            .is_some_and(|fds| fds.lock().get(&addr.to_string()).is_some())
+            .map_or(0, socket::table_len);
+        handover::send(path, &sockets, pingora, &handover::Timing::DEFAULT)
     }
 
     /// Check that every address of `settings` that sluice does not hold yet
@@ -208,41 +254,68 @@ impl Traffic {
 
     /// Close and forget the held sockets whose address `unused` says so of.
     fn release(&self, unused: impl Fn(&str) -> bool) {
-        let Some(fds) = self.context.get().and_then(|c| c.fds.as_ref()) else {
-            return;
-        };
-        let mut held = lock(&self.held);
-        let gone: HashSet<String> = held.iter().filter(|a| unused(a)).cloned().collect();
-        if !gone.is_empty() {
-            socket::forget_in_table(fds, &gone);
-            held.retain(|a| !gone.contains(a));
-        }
+        lock(&self.held).retain(|a, _| !unused(a));
     }
 
-    /// Open the listener `settings` for `pool`; its accept loops start once
-    /// the pool has finished its first health-check round. All addresses are
-    /// bound before any loop starts, so a failure leaves nothing half-open.
-    pub fn start(
-        self: &Arc<Self>,
-        settings: &ListenerSettings,
-        pool: Arc<Pool>,
-    ) -> Result<(), BindError> {
+    /// Bind every address of `settings` (or, before the service starts,
+    /// check that it can be bound), without accepting yet. Nothing is kept
+    /// when this fails, and dropping the result closes what it bound: a
+    /// reload binds every new listener first and applies only if all worked.
+    pub fn prepare(&self, settings: &ListenerSettings) -> Result<Prepared, BindError> {
         let Some(context) = self.context.get() else {
+            self.check_binds(settings)?;
+            return Ok(Prepared {
+                settings: settings.clone(),
+                bound: None,
+            });
+        };
+        // Registering with the runtime needs its context; reloads run on a
+        // thread of their own.
+        let _runtime = context.handle.enter();
+        let mut bound = Vec::with_capacity(settings.bind.len());
+        for &addr in &settings.bind {
+            let socket = self.socket_for(addr).and_then(|listener| {
+                let copy = listener.try_clone()?;
+                Ok((copy, socket::register_listener(listener)?))
+            });
+            match socket {
+                Ok((copy, registered)) => bound.push((addr.to_string(), copy, registered)),
+                Err(source) => {
+                    return Err(BindError {
+                        listener: settings.name.clone(),
+                        addr,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(Prepared {
+            settings: settings.clone(),
+            bound: Some(bound),
+        })
+    }
+
+    /// Start accepting on sockets [`prepare`](Self::prepare) bound, for
+    /// `pool` (once it has finished its first health-check round); replaces
+    /// a running listener of the same name.
+    pub fn launch(self: &Arc<Self>, prepared: Prepared, pool: Arc<Pool>) {
+        let Prepared { settings, bound } = prepared;
+        let (Some(context), Some(bound)) = (self.context.get(), bound) else {
             let mut initial = lock(&self.initial);
             initial.retain(|(s, _)| s.name != settings.name);
-            initial.push((settings.clone(), pool));
-            return Ok(());
+            initial.push((settings, pool));
+            return;
         };
-        let mut sockets = Vec::with_capacity(settings.bind.len());
-        for &addr in &settings.bind {
-            let bound = self.bind(addr).and_then(socket::register_listener);
-            sockets.push(bound.map_err(|source| BindError {
-                listener: settings.name.clone(),
-                addr,
-                source,
-            })?);
+        let mut sockets = Vec::with_capacity(bound.len());
+        {
+            let mut held = lock(&self.held);
+            for (key, copy, registered) in bound {
+                // The copy the next upgrade hands over.
+                held.insert(key, copy);
+                sockets.push(registered);
+            }
         }
-        let app = Arc::new(ArcSwap::from_pointee(self.app(settings, pool)));
+        let app = Arc::new(ArcSwap::from_pointee(self.app(&settings, pool)));
         let (stop, stopped) = watch::channel(false);
         let tasks = sockets
             .into_iter()
@@ -259,7 +332,7 @@ impl Traffic {
         let previous = lock(&self.running).insert(
             settings.name.clone(),
             Running {
-                settings: settings.clone(),
+                settings,
                 app,
                 wanted: Arc::new(AtomicU64::new(0)),
                 stop,
@@ -269,6 +342,17 @@ impl Traffic {
         if let Some(previous) = previous {
             Self::halt(previous);
         }
+    }
+
+    /// Open the listener `settings` for `pool`: [`prepare`](Self::prepare),
+    /// then [`launch`](Self::launch).
+    pub fn start(
+        self: &Arc<Self>,
+        settings: &ListenerSettings,
+        pool: Arc<Pool>,
+    ) -> Result<(), BindError> {
+        let prepared = self.prepare(settings)?;
+        self.launch(prepared, pool);
         Ok(())
     }
 
@@ -352,7 +436,7 @@ impl Traffic {
     /// Wait for the pool, then accept until stopped or shut down.
     async fn accept_loop(
         self: Arc<Self>,
-        listener: AsyncFd<std::net::TcpListener>,
+        listener: AsyncFd<TcpListener>,
         app: Arc<ArcSwap<ListenerApp>>,
         mut stopped: watch::Receiver<bool>,
         mut shutdown: ShutdownWatch,
@@ -409,7 +493,7 @@ impl Traffic {
 
     /// Out of descriptors: free the spare one, accept a waiting client and
     /// close it at once, then take the spare back. Whether a client was refused.
-    fn refuse_one(&self, listener: &AsyncFd<std::net::TcpListener>, app: &ListenerApp) -> bool {
+    fn refuse_one(&self, listener: &AsyncFd<TcpListener>, app: &ListenerApp) -> bool {
         let mut spare = lock(&self.spare);
         let had_spare = spare.take().is_some();
         let refused = socket::accept(listener.get_ref()).is_ok();
@@ -501,6 +585,16 @@ impl ServiceWithDependents for TrafficService {
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join(", ")
+                );
+            }
+            // Inherited sockets no listener took (removed by a reload before
+            // the start) would accept into a backlog nobody reads.
+            let unused: Vec<String> = lock(&traffic.inherited).drain().map(|(a, _)| a).collect();
+            if !unused.is_empty() {
+                warn!(
+                    "closed {} inherited listening socket(s) no listener uses: {}",
+                    unused.len(),
+                    unused.join(", ")
                 );
             }
             traffic.started.store(true, Relaxed);

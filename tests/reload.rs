@@ -506,3 +506,38 @@ async fn a_listener_moved_to_a_new_pool_refuses_nobody_meanwhile() {
         .wait_log("listener front now forwards to pool next")
         .await;
 }
+
+/// Issue 13, item 5: a reload either applies completely or not at all. A
+/// dual-stack overlap (`[::]:P` and `0.0.0.0:P`, one socket each way with
+/// `bindv6only=0`) is refused, and no socket is left half-added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_binds_cannot_all_succeed_changes_nothing() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let (port, p) = (reserve_port(), reserve_port());
+    let before = front_to_app(port, "", &format!("backends: ['{}']", a.addr));
+    let sluice = Sluice::start(&before).await;
+    let after = before.replace(
+        "listeners: {",
+        &format!("listeners: {{ dual: {{ bind: ['[::]:{p}', '0.0.0.0:{p}'], pool: app }},"),
+    );
+    sluice.rewrite_config(&after);
+    let (status, body) = sluice.reload().await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["problems"].to_string().contains(&p.to_string()),
+        "the problem names the address: {body}"
+    );
+    assert!(
+        TcpStream::connect(addr(p)).await.is_err(),
+        "no socket half-added on 127.0.0.1:{p}"
+    );
+    assert!(
+        TcpStream::connect(("::1", p)).await.is_err(),
+        "no socket half-added on [::1]:{p}"
+    );
+    assert_eq!(
+        read_all(addr(port)).await,
+        "a\n",
+        "the old configuration serves on"
+    );
+}

@@ -1,10 +1,11 @@
 //! Sockets as sluice holds them, and the only `unsafe` code in sluice:
-//! owning the descriptors that `accept4(2)` and pingora's listener-fd table
-//! hand over, and registering owned sockets with the runtime.
+//! owning the descriptors that `accept4(2)`, `recvmsg(2)` (the upgrade
+//! handover) and pingora's listener-fd table hand over, and registering owned
+//! sockets with the runtime.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::SockFlag;
 use pingora::server::ListenFds;
@@ -45,39 +46,59 @@ pub fn register_listener(
         .map_err(|e| e.into_parts().1)
 }
 
-/// A listening socket inherited from the process sluice took over from
-/// (`-u`), duplicated so that pingora's table keeps its own copy for the
-/// next upgrade.
+/// Accept a connection on a listening Unix socket (sluice's upgrade
+/// handover): close-on-exec, blocking. `WouldBlock`: nobody is waiting.
 #[allow(unsafe_code)]
-pub fn listener_from_inherited(fd: RawFd) -> io::Result<std::net::TcpListener> {
-    // SAFETY: the descriptor is owned by pingora's listener-fd table, which
-    // keeps it open for the life of the process (or until `forget_in_table`).
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    Ok(std::net::TcpListener::from(borrowed.try_clone_to_owned()?))
+pub fn accept_unix(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    let fd = nix::sys::socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+        .map_err(io::Error::from)?;
+    // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Enter a copy of `listener` in pingora's listener-fd table under `key`, so
-/// that SIGQUIT hands it to the next process. The table owns the copy.
-pub fn enter_in_table(
-    fds: &ListenFds,
-    key: String,
-    listener: &std::net::TcpListener,
-) -> io::Result<()> {
-    let copy = listener.as_fd().try_clone_to_owned()?;
-    fds.lock().add(key, copy.into_raw_fd());
-    Ok(())
+/// Own the descriptors that one `SCM_RIGHTS` message just brought
+/// (`recvmsg(2)` on sluice's upgrade handover), so that every path out of
+/// the receiver closes the ones it does not keep.
+#[allow(unsafe_code)]
+pub fn own_received(fds: Vec<RawFd>) -> Vec<OwnedFd> {
+    fds.into_iter()
+        // SAFETY: recvmsg(2) installed each of these descriptors in this
+        // process for this one message and returned its number only here;
+        // nothing else has it, so each gets exactly one owner.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
 }
 
-/// Close and remove the table's copies for the addresses in `remove`.
-pub fn forget_in_table(fds: &ListenFds, remove: &std::collections::HashSet<String>) {
+/// Take the listening socket for `key` out of pingora's listener-fd table,
+/// where a sluice from before its own handover put its listeners (at most 32
+/// fit): our own copy, with the table's closed and its entry removed under
+/// the same lock, so the next upgrade does not send it through pingora again.
+#[allow(unsafe_code)]
+pub fn take_from_table(fds: &ListenFds, key: &str) -> io::Result<Option<std::net::TcpListener>> {
     let mut table = fds.lock();
+    let Some(&fd) = table.get(key) else {
+        return Ok(None);
+    };
+    // SAFETY: the table keeps `fd` open until `close_unclaimed` closes it,
+    // and that only runs under the table's lock, which we hold until after
+    // the copy is made. pingora's own listeners take entries only for
+    // pingora's services' addresses (admin), never a sluice listener's:
+    // validation keeps `admin.bind` apart from every listener address.
+    let copy = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
     let keep = table
         .serialize()
         .0
         .into_iter()
-        .filter(|k| !remove.contains(k))
+        .filter(|k| k != key)
         .collect();
     table.close_unclaimed(&keep);
+    Ok(Some(std::net::TcpListener::from(copy)))
+}
+
+/// How many sockets pingora's listener-fd table holds (pingora hands them
+/// over itself on SIGQUIT).
+pub fn table_len(fds: &ListenFds) -> usize {
+    fds.lock().serialize().0.len()
 }
 
 /// A non-blocking connect to `addr`, registered with the runtime.
