@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH, MAX_PROBLEMS};
 use crate::server::{self, RunOptions};
 
 /// sluice: a Layer-4 TCP load balancer built on Pingora.
@@ -35,13 +35,13 @@ fn report(conf: &std::path::Path, e: &ConfigError) {
             for p in problems {
                 let _ = writeln!(err, "{}: {p}", conf.display());
             }
-            let _ = writeln!(
-                err,
-                "{}: configuration invalid ({} problem{})",
-                conf.display(),
-                problems.len(),
-                if problems.len() == 1 { "" } else { "s" }
-            );
+            // Past the cap, the last entry says how many more there were.
+            let count = match problems.len() {
+                1 => "1 problem".to_string(),
+                n if n > MAX_PROBLEMS => format!("more than {MAX_PROBLEMS} problems"),
+                n => format!("{n} problems"),
+            };
+            let _ = writeln!(err, "{}: configuration invalid ({count})", conf.display());
         }
         other => {
             let _ = writeln!(err, "{other}");

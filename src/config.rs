@@ -5,9 +5,11 @@
 //! and, where the parser knows it, its line and column. Nothing here binds or
 //! connects: `sluice -t` runs exactly this code.
 
+mod binds;
 pub mod check;
 mod decode;
 mod locate;
+mod read;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+pub use binds::{binds_overlap, ipv6_only_by_default};
 pub use check::{
     CheckKind, Credentials, Expect, HttpCheck, Pattern, PostgresCheck, RoleRequirement, Secret,
     Step,
@@ -24,6 +27,7 @@ pub use check::{
 use decode::{Decoder, join};
 pub use locate::Location;
 use locate::Locations;
+pub use read::{MAX_CONFIG_BYTES, MAX_SECRET_BYTES};
 
 /// Default configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/sluice.yaml";
@@ -54,6 +58,41 @@ pub const DEFAULT_FALL: u32 = 3;
 const MAX_BACKENDS: usize = 4096;
 /// The shortest health-check interval, so a typo cannot make checks spin.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The most problems listed for one file; past it they are only counted,
+/// and a last entry says how many more there were.
+pub const MAX_PROBLEMS: usize = 100;
+/// The deepest nesting of YAML collections read (a configuration needs 6).
+pub const MAX_DEPTH: usize = 32;
+/// The most values (scalars and collections, aliases expanded) a file may
+/// hold: ten pools of 4,096 backends written out in full take about 200,000.
+pub const MAX_NODES: u64 = 1_000_000;
+
+// The longest value of each duration key. Far past any useful setting, they
+// keep every deadline computed from them (`now + value`) far from overflow.
+const HOUR: Duration = Duration::from_secs(3_600);
+const DAY: Duration = Duration::from_secs(86_400);
+/// `server.grace_period`: a load balancer in front notices an unready
+/// backend within seconds; an hour is already a stuck shutdown.
+pub const MAX_GRACE_PERIOD: Duration = HOUR;
+/// `server.shutdown_timeout`: long-lived connections (database sessions,
+/// tunnels) may deserve hours to finish; a day bounds it.
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = DAY;
+/// `listeners.*.idle_timeout`: idle database sessions are commonly kept for
+/// hours (MySQL's default `wait_timeout` is 8 h); without a key, never.
+pub const MAX_IDLE_TIMEOUT: Duration = DAY;
+/// `pools.*.connect_timeout`: the kernel gives up a connect after about two
+/// minutes of SYN retries anyway.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+/// `health_check.interval`: with `rise` and `fall` counted in rounds, rounds
+/// further apart than an hour would notice a failure hours late.
+pub const MAX_CHECK_INTERVAL: Duration = HOUR;
+/// `health_check.timeout`: a check that has no answer in five minutes has
+/// failed (and the timeout is at most `interval` too).
+pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest `primary_hold`: a day (refusing writes longer than that is
+/// an outage, not a guard).
+pub const MAX_PRIMARY_HOLD: Duration = DAY;
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -249,7 +288,9 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file was read and is invalid; every problem is listed.
+    /// The file was read and is invalid; every problem is listed, up to
+    /// [`MAX_PROBLEMS`]: past it, one last entry without a path says how
+    /// many more there were.
     #[error("{}", ProblemList(.0))]
     Invalid(Vec<Problem>),
 }
@@ -444,12 +485,14 @@ impl Failback {
 }
 
 impl Config {
-    /// Read and validate the file at `path`.
+    /// Read and validate the file at `path`: a regular file of at most
+    /// [`MAX_CONFIG_BYTES`] (anything else is refused at once, never waited on).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let src =
+            read::read_bounded(path, MAX_CONFIG_BYTES).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Config::from_yaml(&src)
     }
 
@@ -474,6 +517,18 @@ impl Config {
     /// assert_eq!(problems[0].to_string(), "pools.app.health_check.rise: must be at least 1 (line 2, column 33)");
     /// ```
     pub fn from_yaml(src: &str) -> Result<Config, ConfigError> {
+        // Editors on Windows start files with a byte order mark; it is no content.
+        let src = src.strip_prefix('\u{feff}').unwrap_or(src);
+        // Before serde_yaml, which takes time quadratic in the nesting depth
+        // and memory in the aliases expanded. Its syntax errors are
+        // yaml-rust2's: past one, the shape of the rest is unknown.
+        if let Err(e) = locate::check_shape(src, MAX_DEPTH, MAX_NODES) {
+            return Err(ConfigError::Invalid(vec![Problem {
+                path: String::new(),
+                message: e.message,
+                location: Some(e.location),
+            }]));
+        }
         let mut value: Value = match serde_yaml::from_str(src) {
             Ok(v) => v,
             Err(e) => {
@@ -507,14 +562,23 @@ impl Config {
             }
             d.problem("", "invalid configuration");
         }
-        let locations = Locations::of(src);
-        for p in &mut d.problems {
+        let (mut problems, more) = d.problems.into_parts();
+        let locations = Locations::of(src, problems.iter().map(|p| p.path.as_str()));
+        for p in &mut problems {
             p.location = locations.find(&p.path);
         }
         // Report in file order; problems without a position go last.
-        d.problems
-            .sort_by_key(|p| p.location.map_or((usize::MAX, 0), |l| (l.line, l.column)));
-        Err(ConfigError::Invalid(d.problems))
+        problems.sort_by_key(|p| p.location.map_or((usize::MAX, 0), |l| (l.line, l.column)));
+        if more > 0 {
+            problems.push(Problem::new(
+                "",
+                format!(
+                    "and {more} more problem{} (only the first {MAX_PROBLEMS} are listed)",
+                    if more == 1 { "" } else { "s" }
+                ),
+            ));
+        }
+        Err(ConfigError::Invalid(problems))
     }
 
     /// The pool named `name`.
@@ -546,13 +610,15 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
     for l in &listeners {
         // With no pools at all, that is the problem already reported.
         if !pool_names.is_empty() && !pool_names.contains(&l.pool) {
+            // A file may name thousands of pools: the message lists a few.
+            const LISTED: usize = 10;
+            let mut names = pool_names[..pool_names.len().min(LISTED)].join(", ");
+            if pool_names.len() > LISTED {
+                names.push_str(&format!(" and {} more", pool_names.len() - LISTED));
+            }
             d.problem(
                 format!("listeners.{}.pool", l.name),
-                format!(
-                    "no pool is named `{}` (pools: {})",
-                    l.pool,
-                    pool_names.join(", ")
-                ),
+                format!("no pool is named `{}` (pools: {names})", l.pool),
             );
         }
     }
@@ -561,7 +627,8 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
             warnings.push(format!("pools.{}: no listener uses this pool", p.name));
         }
     }
-    check_bind_conflicts(d, &listeners, admin.as_ref().and_then(|a| a.as_ref()));
+    let binds = binds::check_conflicts(d, &listeners, admin.as_ref().and_then(|a| a.as_ref()));
+    binds::check_loops(d, &listeners, &pools, &binds);
 
     // Callers only use the result when no problem was recorded.
     Some(Config {
@@ -637,11 +704,18 @@ fn decode_server(d: &mut Decoder, v: &Value) -> Option<ServerSettings> {
         s.threads = d.integer(v, &f.path("threads"), 1, 1024).unwrap_or(1) as usize;
     }
     if let Some(v) = f.get("grace_period") {
-        s.grace_period = d.duration(v, &f.path("grace_period")).unwrap_or_default();
+        s.grace_period = d
+            .duration_within(v, &f.path("grace_period"), Duration::ZERO, MAX_GRACE_PERIOD)
+            .unwrap_or_default();
     }
     if let Some(v) = f.get("shutdown_timeout") {
         s.shutdown_timeout = d
-            .duration(v, &f.path("shutdown_timeout"))
+            .duration_within(
+                v,
+                &f.path("shutdown_timeout"),
+                Duration::ZERO,
+                MAX_SHUTDOWN_TIMEOUT,
+            )
             .unwrap_or_default();
     }
     for (key, slot) in [
@@ -731,9 +805,14 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         d.integer(v, &f.path("max_connections"), 1, 10_000_000)
             .map(|n| n as usize)
     });
-    let idle_timeout = f
-        .get("idle_timeout")
-        .and_then(|v| d.duration_at_least(v, &f.path("idle_timeout"), Duration::from_millis(1)));
+    let idle_timeout = f.get("idle_timeout").and_then(|v| {
+        d.duration_within(
+            v,
+            &f.path("idle_timeout"),
+            Duration::from_millis(1),
+            MAX_IDLE_TIMEOUT,
+        )
+    });
 
     let splice = f
         .get("splice")
@@ -804,7 +883,12 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         )
     });
     let connect_timeout = match f.get("connect_timeout") {
-        Some(v) => d.duration_at_least(v, &f.path("connect_timeout"), Duration::from_millis(1)),
+        Some(v) => d.duration_within(
+            v,
+            &f.path("connect_timeout"),
+            Duration::from_millis(1),
+            MAX_CONNECT_TIMEOUT,
+        ),
         None => Some(DEFAULT_CONNECT_TIMEOUT),
     };
     let connect_attempts = match f.get("connect_attempts") {
@@ -854,7 +938,7 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
     }
     let primary_hold_set = f
         .get("primary_hold")
-        .map(|v| d.duration_at_least(v, &f.path("primary_hold"), Duration::ZERO));
+        .map(|v| d.duration_within(v, &f.path("primary_hold"), Duration::ZERO, MAX_PRIMARY_HOLD));
     let decides_primary = role == RoleRequirement::Primary
         || (role == RoleRequirement::Replica && fallback_to_primary);
     if primary_hold_set.is_some() && !decides_primary {
@@ -935,7 +1019,9 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
 /// blip of the real primary takes (marked down, then `rise` checks to come
 /// back), so such a blip cannot hand the writes to a stale claimant.
 pub fn default_primary_hold(hc: &HealthCheckSettings) -> Duration {
-    hc.interval.saturating_mul(hc.rise.saturating_add(2))
+    hc.interval
+        .saturating_mul(hc.rise.saturating_add(2))
+        .min(MAX_PRIMARY_HOLD)
 }
 
 /// Backends with, for each, whether `weight` and `backup` were written out.
@@ -1061,13 +1147,23 @@ fn decode_health_check(d: &mut Decoder, v: &Value, path: &str) -> Option<HealthC
     }
     if let Some(v) = f.get("interval") {
         h.interval = d
-            .duration_at_least(v, &f.path("interval"), MIN_CHECK_INTERVAL)
+            .duration_within(
+                v,
+                &f.path("interval"),
+                MIN_CHECK_INTERVAL,
+                MAX_CHECK_INTERVAL,
+            )
             .unwrap_or(DEFAULT_CHECK_INTERVAL);
     }
     let timeout_set = f.get("timeout").is_some();
     if let Some(v) = f.get("timeout") {
         h.timeout = d
-            .duration_at_least(v, &f.path("timeout"), Duration::from_millis(1))
+            .duration_within(
+                v,
+                &f.path("timeout"),
+                Duration::from_millis(1),
+                MAX_CHECK_TIMEOUT,
+            )
             .unwrap_or(DEFAULT_CHECK_TIMEOUT);
     }
     if let Some(v) = f.get("rise") {
@@ -1101,42 +1197,6 @@ fn decode_health_check(d: &mut Decoder, v: &Value, path: &str) -> Option<HealthC
         d.problem(f.path(key), message);
     }
     (d.problems.len() == before).then_some(h)
-}
-
-/// Report addresses that two listeners (or a listener and the admin) both bind.
-fn check_bind_conflicts(
-    d: &mut Decoder,
-    listeners: &[ListenerSettings],
-    admin: Option<&AdminSettings>,
-) {
-    let mut taken: Vec<(SocketAddr, String)> = Vec::new();
-    let mut claim = |d: &mut Decoder, addr: SocketAddr, path: String| {
-        if let Some((_, other)) = taken.iter().find(|(a, _)| binds_overlap(*a, addr)) {
-            d.problem(&path, format!("{addr} overlaps with {other}"));
-        } else {
-            taken.push((addr, path));
-        }
-    };
-    if let Some(a) = admin {
-        claim(d, a.bind, "admin.bind".to_string());
-    }
-    for l in listeners {
-        for (i, addr) in l.bind.iter().enumerate() {
-            let path = if l.bind.len() == 1 {
-                format!("listeners.{}.bind", l.name)
-            } else {
-                format!("listeners.{}.bind[{i}]", l.name)
-            };
-            claim(d, *addr, path);
-        }
-    }
-}
-
-/// Whether two listening addresses cannot both be bound.
-fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && (a.ip() == b.ip()
-            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
 }
 
 #[cfg(test)]

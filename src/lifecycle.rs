@@ -157,13 +157,23 @@ impl DrainService {
 /// How often the drain checks for the last connection.
 const DRAIN_POLL: Duration = Duration::from_millis(25);
 
+/// `timeout` from `now`, or a time decades away where that is past what an
+/// `Instant` can hold (validation keeps timeouts far smaller; this keeps
+/// the drain thread from panicking whatever it is given).
+fn deadline_after(now: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    const DECADES: Duration = Duration::from_secs(30 * 365 * 86_400);
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(DECADES))
+        .unwrap_or(now)
+}
+
 #[async_trait]
 impl BackgroundService for DrainService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         if shutdown.wait_for(|s| *s).await.is_err() {
             return;
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let deadline = deadline_after(tokio::time::Instant::now(), self.timeout);
         // Count only once nothing can be accepted any more (listeners that
         // never opened have nothing to close).
         if self.traffic.is_started() {
@@ -188,5 +198,22 @@ impl BackgroundService for DrainService {
             info!("all connections finished; exiting");
         }
         std::process::exit(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_never_overflows() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            deadline_after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        for huge in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+            assert!(deadline_after(now, huge) > now + Duration::from_secs(86_400 * 365));
+        }
     }
 }

@@ -117,7 +117,7 @@ fn server_conf(config: &Config, options: &RunOptions) -> ServerConf {
     };
     // pingora sleeps this long unconditionally after listeners close; the drain
     // service exits earlier once connections are done, so this only backstops it.
-    conf.grace_period_seconds = Some(s.shutdown_timeout.as_secs() + 2);
+    conf.grace_period_seconds = Some(s.shutdown_timeout.as_secs().saturating_add(2));
     conf.graceful_shutdown_timeout_seconds = Some(1);
     conf
 }

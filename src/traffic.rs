@@ -539,16 +539,15 @@ async fn raised(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
-/// The process's open-file limit, for log lines.
+/// The process's open-file limit, for log lines. A system call rather than
+/// `/proc/self/limits`: this is asked when no descriptor is left to open it.
 fn fd_limit() -> String {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|line| line.starts_with("Max open files"))
-                .and_then(|line| line.split_whitespace().nth(3).map(str::to_string))
-        })
-        .unwrap_or_else(|| "?".to_string())
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) if soft == RLIM_INFINITY => "unlimited".to_string(),
+        Ok((soft, _)) => soft.to_string(),
+        Err(_) => "?".to_string(),
+    }
 }
 
 #[async_trait]

@@ -16,6 +16,7 @@ const WHOLE_FILE: &[&str] = &[
     "not valid YAML",
     "bad merge key",
     "must be a mapping",
+    "more problem",
 ];
 
 /// Load `src`; on rejection, check that every problem says where it is.
@@ -718,4 +719,97 @@ fn the_generators_produce_valid_and_invalid_documents() {
         valid >= 100 && invalid >= 100,
         "valid {valid}, invalid {invalid}"
     );
+}
+
+/// Files shaped to be slow or to grow in memory: deep nesting of every
+/// kind, floods of keys, problems, binds, backends and aliases, each about
+/// 1 MB.
+fn hostile_files() -> Vec<(&'static str, String)> {
+    const MB: usize = 1 << 20;
+    let head = "listeners: { web: { bind: 127.0.0.1:8080, pool: app } }\n";
+    let pool = "pools: { app: { backends: [127.0.0.1:9001] } }\n";
+    let mut files = vec![
+        (
+            "nested lists",
+            format!("{}{}", "[".repeat(MB / 2), "]".repeat(MB / 2)),
+        ),
+        (
+            "nested mappings",
+            format!("a: {}1{}", "{a: ".repeat(MB / 5), "}".repeat(MB / 5)),
+        ),
+        (
+            "nested block lists",
+            format!("a:\n{}x\n", "- ".repeat(MB / 2)),
+        ),
+        (
+            "one long string",
+            format!("{head}{pool}server: {{ pid_file: '{}' }}\n", "x".repeat(MB)),
+        ),
+    ];
+    let unknown: String = (0..MB / 10).map(|i| format!("  k{i}: 1\n")).collect();
+    files.push(("unknown keys", format!("{head}{pool}server:\n{unknown}")));
+    let weights: String = (0..MB / 40)
+        .map(|i| {
+            format!(
+                "  - {{ address: 10.0.{}.{}:80, weight: 0 }}\n",
+                i / 250,
+                i % 250
+            )
+        })
+        .collect();
+    files.push((
+        "bad backends",
+        format!("{head}pools:\n app:\n  backends:\n{weights}"),
+    ));
+    let binds: String = (0..MB / 60)
+        .map(|i| {
+            format!(
+                "  l{i}: {{ bind: 127.{}.{}.1:80, pool: app }}\n",
+                i / 250,
+                i % 250
+            )
+        })
+        .collect();
+    files.push((
+        "listeners on one port",
+        format!("listeners:\n{binds}{pool}"),
+    ));
+    let pools: String = (0..MB / 60)
+        .map(|i| {
+            format!(
+                "  p{i}: {{ backends: ['127.0.0.1:{}'] }}\n",
+                1000 + i % 60000
+            )
+        })
+        .collect();
+    files.push(("many pools", format!("{head}pools:\n{pools}")));
+    let aliases = format!(
+        "{head}{pool}server: &a {{ threads: 1 }}\nx: [{}]\n",
+        vec!["*a"; MB / 4].join(", ")
+    );
+    files.push(("aliases", aliases));
+    files
+}
+
+/// Any file is accepted or refused in well under a second per MB: in a
+/// release build each of these takes under 0.3 s per MB. This unoptimized
+/// build (up to 3 s per MB) on a loaded machine gets a generous bound, which
+/// a quadratic parse still fails (13 s for the nested lists, minutes for the
+/// nested mappings).
+#[test]
+fn hostile_files_are_judged_in_bounded_time() {
+    for (what, src) in hostile_files() {
+        let started = std::time::Instant::now();
+        let result = Config::from_yaml(&src);
+        let took = started.elapsed();
+        let mb = src.len() as f64 / (1 << 20) as f64;
+        let listed = match &result {
+            Ok(_) => 0,
+            Err(ConfigError::Invalid(p)) => p.len(),
+            Err(e) => panic!("{e}"),
+        };
+        println!("{what}: {mb:.2} MB in {took:?}, {listed} problems listed");
+        assert!(listed <= sluice::config::MAX_PROBLEMS + 1, "{what}");
+        assert!(took.as_secs_f64() < 8.0 * mb.max(1.0), "{what}: {took:?}");
+    }
 }

@@ -287,7 +287,10 @@ async fn out_of_file_descriptors_refuses_logs_briefly_and_recovers() {
     );
     assert!(refused > 0, "the rest were refused, not left hanging");
     assert!(sluice.try_wait().is_none(), "sluice keeps running");
-    sluice.wait_log("out of file descriptors").await;
+    // The limit is named (it was always `?`: reading it took a descriptor).
+    sluice
+        .wait_log(&format!("out of file descriptors (limit {limit})"))
+        .await;
 
     // Descriptors free up: service resumes.
     drop(served);
@@ -504,24 +507,48 @@ async fn a_backend_closing_an_idle_session_ends_it_and_is_not_a_failed_connect()
     assert_eq!(m.value("sluice_backend_up", &on_closer), 1.0);
 }
 
+/// A host name other than `localhost` that this machine's /etc/hosts maps
+/// to a loopback address (Debian maps its own host name so), if any.
+fn loopback_name() -> Option<String> {
+    let hosts = std::fs::read_to_string("/etc/hosts").ok()?;
+    hosts.lines().find_map(|line| {
+        let mut fields = line.split('#').next()?.split_whitespace();
+        let ip: std::net::IpAddr = fields.next()?.parse().ok()?;
+        if !ip.is_ipv4() || !ip.is_loopback() {
+            return None;
+        }
+        fields
+            .find(|name| !name.eq_ignore_ascii_case("localhost") && !name.ends_with(".localhost"))
+            .map(str::to_string)
+    })
+}
+
 /// Issue 9, item 6 (at run time): two listeners that forward to each other
-/// make a loop no single address reveals; the chain is followed and cut
-/// after a few hops, with the client refused rather than the fd table
-/// filled.
+/// through a host name that resolves to this machine make a loop that
+/// validation cannot see; the chain is followed and cut after a few hops,
+/// with the client refused rather than the fd table filled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_loop_through_two_listeners_is_cut_and_counted() {
+    let Some(name) = loopback_name() else {
+        eprintln!("SKIPPED: /etc/hosts maps no name but localhost to a loopback address");
+        return;
+    };
     let (pa, pb) = (reserve_port(), reserve_port());
+    let check = "health_check: { interval: 100ms, timeout: 100ms }";
     let yaml = format!(
         "admin: {{ bind: '{{admin}}' }}\n\
-         listeners:\n  a: {{ bind: 127.0.0.1:{pa}, pool: to_b }}\n  b: {{ bind: 127.0.0.1:{pb}, pool: to_a }}\n\
-         pools:\n  to_b: {{ health_check: {{ interval: 100ms, timeout: 100ms }}, backends: ['127.0.0.1:{pb}'] }}\n  \
-         to_a: {{ health_check: {{ interval: 100ms, timeout: 100ms }}, backends: ['127.0.0.1:{pa}'] }}\n"
+         listeners:\n  a: {{ bind: 0.0.0.0:{pa}, pool: to_b }}\n  b: {{ bind: 0.0.0.0:{pb}, pool: to_a }}\n\
+         pools:\n  to_b: {{ {check}, backends: ['{name}:{pb}'] }}\n  \
+         to_a: {{ {check}, backends: ['{name}:{pa}'] }}\n"
     );
     let sluice = Sluice::start(&yaml).await;
     // Each pool's backend is the other listener, open only after the
     // first round: wait until the checks see them up.
-    sluice.wait_active("to_b", &[addr(pb)]).await;
-    sluice.wait_active("to_a", &[addr(pa)]).await;
+    wait_until("both pools see the other listener up", || async {
+        sluice.active_backends("to_b").await.len() == 1
+            && sluice.active_backends("to_a").await.len() == 1
+    })
+    .await;
     let fds_before = sluice.open_fds();
     let mut c = TcpStream::connect(addr(pa)).await.unwrap();
     c.write_all(b"hello").await.unwrap();

@@ -490,7 +490,10 @@ fn decode_credentials(d: &mut Decoder, f: &Fields<'_>, user_required: bool) -> O
         }
         (None, Some(v)) => {
             let path = f.path("password_file");
-            non_empty(d, v, &path).and_then(|file| match std::fs::read_to_string(file) {
+            let read = |file: &str| {
+                super::read::read_bounded(std::path::Path::new(file), super::MAX_SECRET_BYTES)
+            };
+            non_empty(d, v, &path).and_then(|file| match read(file) {
                 Ok(p) => Some(Secret::new(
                     p.strip_suffix('\n')
                         .map(|p| p.strip_suffix('\r').unwrap_or(p))

@@ -8,12 +8,56 @@
 use serde_yaml::{Mapping, Value};
 use std::time::Duration;
 
-use super::Problem;
+use super::{MAX_PROBLEMS, Problem};
 
 /// Collects problems while a document is decoded.
 #[derive(Default)]
 pub(super) struct Decoder {
-    pub(super) problems: Vec<Problem>,
+    pub(super) problems: Problems,
+}
+
+/// The problems found so far: the first [`MAX_PROBLEMS`] are kept, the rest
+/// only counted, so a file of a million mistakes costs no more memory (or
+/// output) than one of a hundred.
+#[derive(Default)]
+pub(super) struct Problems {
+    kept: Vec<Problem>,
+    found: usize,
+}
+
+impl Problems {
+    /// How many were found, kept or not: callers compare it before and
+    /// after decoding a part to learn whether that part had problems.
+    pub(super) fn len(&self) -> usize {
+        self.found
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.found == 0
+    }
+
+    /// Whether a new problem would only be counted.
+    pub(super) fn is_full(&self) -> bool {
+        self.found >= MAX_PROBLEMS
+    }
+
+    fn push(&mut self, p: Problem) {
+        if !self.is_full() {
+            self.kept.push(p);
+        }
+        self.found += 1;
+    }
+
+    /// Count one more problem without describing it.
+    fn count(&mut self) {
+        self.found += 1;
+    }
+
+    /// The kept problems, and how many more were found.
+    pub(super) fn into_parts(self) -> (Vec<Problem>, usize) {
+        let more = self.found - self.kept.len();
+        (self.kept, more)
+    }
 }
 
 /// The fields of one YAML mapping whose keys were already checked.
@@ -43,6 +87,8 @@ impl Decoder {
         for key in map.keys() {
             match key.as_str() {
                 Some(k) if allowed.contains(&k) => {}
+                // Past the cap, a key costs a count, not a message.
+                _ if self.problems.is_full() => self.problems.count(),
                 Some(k) => {
                     let mut message = format!("unknown key `{k}`");
                     match suggest(k, allowed) {
@@ -99,18 +145,28 @@ impl Decoder {
         }
     }
 
-    /// A duration that must be at least `min`.
-    pub(super) fn duration_at_least(
+    /// A duration in `min..=max`. Every duration key has a maximum: beyond
+    /// it a value means nothing useful, and near `Duration::MAX` it would
+    /// overflow the time arithmetic that uses it.
+    pub(super) fn duration_within(
         &mut self,
         value: &Value,
         path: &str,
         min: Duration,
+        max: Duration,
     ) -> Option<Duration> {
         let d = self.duration(value, path)?;
         if d < min {
             self.problem(
                 path,
                 format!("must be at least {}", humantime::format_duration(min)),
+            );
+            return None;
+        }
+        if d > max {
+            self.problem(
+                path,
+                format!("must be at most {}", humantime::format_duration(max)),
             );
             return None;
         }
@@ -274,7 +330,7 @@ mod tests {
         assert_eq!(d.integer(&Value::from(-4), "c", 1, 10), None);
         assert_eq!(d.integer(&Value::from(11), "d", 1, 10), None);
         assert_eq!(d.integer(&Value::from("x"), "e", 1, 10), None);
-        let messages: Vec<String> = d.problems.iter().map(|p| p.to_string()).collect();
+        let messages: Vec<String> = d.problems.kept.iter().map(|p| p.to_string()).collect();
         assert_eq!(
             messages,
             [
@@ -301,12 +357,12 @@ mod tests {
         assert_eq!(d.duration(&Value::from("2"), "c"), None);
         assert_eq!(d.problems.len(), 2);
         assert!(
-            d.problems[0]
+            d.problems.kept[0]
                 .to_string()
                 .starts_with("b: must be a duration with a unit")
         );
         assert!(
-            d.problems[1]
+            d.problems.kept[1]
                 .to_string()
                 .starts_with("c: `2` is not a duration")
         );

@@ -421,3 +421,262 @@ fn primary_hold_defaults_from_the_checks_and_applies_only_where_a_primary_is_cho
     .join("\n");
     assert!(p.contains("pools.app.primary_hold: "), "{p}");
 }
+
+/// `MINIMAL`'s pool and listener, with `server` keys, listener keys and
+/// health-check keys added (each a flow-mapping body, possibly empty).
+fn with_durations(server: &str, listener: &str, pool: &str, check: &str) -> String {
+    format!(
+        "server: {{ {server} }}
+listeners:
+  web: {{ bind: 127.0.0.1:8080, pool: app{listener} }}
+pools:
+  app:
+    health_check: {{ {check} }}
+    backends: [127.0.0.1:9001]
+{pool}"
+    )
+}
+
+#[test]
+fn every_duration_has_a_maximum_named_by_its_path() {
+    for huge in ["18446744073709551615s", "300000000000y", "25h"] {
+        let got = problems(&with_durations(
+            &format!("grace_period: {huge}, shutdown_timeout: {huge}"),
+            &format!(", idle_timeout: {huge}"),
+            &format!("    connect_timeout: {huge}\n"),
+            &format!("interval: {huge}, timeout: {huge}"),
+        ));
+        let paths: Vec<&str> = got.iter().map(|m| m.split(": ").next().unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.grace_period",
+                "server.shutdown_timeout",
+                "listeners.web.idle_timeout",
+                "pools.app.health_check.interval",
+                "pools.app.health_check.timeout",
+                "pools.app.connect_timeout",
+            ],
+            "{huge}: {got:#?}"
+        );
+        for m in &got {
+            assert!(m.contains(": must be at most "), "{m}");
+        }
+    }
+    // The limits themselves are accepted.
+    let c = Config::from_yaml(&with_durations(
+        "grace_period: 1h, shutdown_timeout: 24h",
+        ", idle_timeout: 24h",
+        "    connect_timeout: 5m\n",
+        "interval: 1h, timeout: 5m",
+    ))
+    .unwrap();
+    assert_eq!(c.server.shutdown_timeout, Duration::from_secs(86_400));
+    assert_eq!(
+        c.listeners[0].idle_timeout,
+        Some(Duration::from_secs(86_400))
+    );
+    assert_eq!(c.pools[0].health_check.interval, Duration::from_secs(3_600));
+}
+
+#[test]
+fn deep_nesting_is_rejected_at_once() {
+    // N `[` then N `]`, and N nested flow mappings, took seconds to minutes.
+    let n = 50_000;
+    for doc in [
+        format!("{}{}", "[".repeat(n), "]".repeat(n)),
+        format!("a: {}1{}", "{a: ".repeat(n), "}".repeat(n)),
+        format!("a:\n{}", "- ".repeat(n)),
+    ] {
+        let started = std::time::Instant::now();
+        let got = problems(&doc);
+        let took = started.elapsed();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("nested more than"), "{got:?}");
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+    // A depth the schema can use is fine.
+    Config::from_yaml(
+        "listeners: { web: { bind: 127.0.0.1:8080, pool: app } }
+pools: { app: { health_check: { kind: send_expect, steps: [{ send: a }, { expect: b }] }, backends: [{ address: 127.0.0.1:9001 }] } }",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_leading_byte_order_mark_is_accepted() {
+    let c = Config::from_yaml(&format!("\u{feff}{MINIMAL}")).unwrap();
+    assert_eq!(c.pools[0].name, "app");
+    // Line numbers still count from the first line.
+    let got = problems(&format!("\u{feff}{MINIMAL}    colour: red\n"));
+    assert_eq!(
+        got,
+        [
+            "pools.app.colour: unknown key `colour` (expected one of: algorithm, mode, failback, connect_timeout, connect_attempts, on_backend_down, on_failback, health_check, role, fallback_to_primary, primary_hold, backends) (line 7, column 5)"
+        ]
+    );
+}
+
+#[test]
+fn problem_lists_stop_at_a_cap_and_say_how_many_more() {
+    let mut doc = String::from(MINIMAL);
+    doc.push_str("server:\n");
+    for i in 0..1000 {
+        doc.push_str(&format!("  unknown_{i}: 1\n"));
+    }
+    let got = problems(&doc);
+    assert_eq!(got.len(), 101, "{:?}", &got[..3]);
+    assert!(
+        got[0].starts_with("server.unknown_0: unknown key"),
+        "{}",
+        got[0]
+    );
+    assert!(
+        got[99].starts_with("server.unknown_99: unknown key"),
+        "{}",
+        got[99]
+    );
+    assert_eq!(
+        got[100],
+        "and 900 more problems (only the first 100 are listed)"
+    );
+}
+
+#[test]
+fn a_backend_that_leads_back_to_its_own_listener_is_rejected() {
+    for (bind, backend) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.9:8080"),
+        ("0.0.0.0:8080", "0.0.0.0:8080"),
+        ("127.0.0.1:8080", "localhost:8080"),
+        ("'[::1]:8080'", "localhost:8080"),
+        ("'[::]:8080'", "'[::1]:8080'"),
+    ] {
+        let got = problems(&format!(
+            "listeners: {{ web: {{ bind: {bind}, pool: app }} }}
+pools: {{ app: {{ backends: [127.0.0.1:9001, {backend}] }} }}"
+        ));
+        assert_eq!(got.len(), 1, "{bind} -> {backend}: {got:?}");
+        assert!(
+            got[0].starts_with("pools.app.backends[1]: ")
+                && got[0].contains("is listener `web` of this sluice (listeners.web.bind)")
+                && got[0].contains("loop"),
+            "{bind} -> {backend}: {}",
+            got[0]
+        );
+    }
+    // Through another listener and pool and back.
+    let got = problems(
+        "listeners:
+  a: { bind: 127.0.0.1:8080, pool: one }
+  b: { bind: 127.0.0.1:8081, pool: two }
+pools:
+  one: { backends: [127.0.0.1:8081] }
+  two: { backends: [127.0.0.1:8080] }",
+    );
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[0].starts_with("pools.one.backends[0]: "), "{got:?}");
+    assert!(got[1].starts_with("pools.two.backends[0]: "), "{got:?}");
+    // A chain that ends at a real backend is no loop; neither is another port or address.
+    Config::from_yaml(
+        "listeners:
+  a: { bind: 127.0.0.1:8080, pool: one }
+  b: { bind: 127.0.0.1:8081, pool: two }
+  c: { bind: 127.0.0.2:8082, pool: two }
+pools:
+  one: { backends: [127.0.0.1:8081] }
+  two: { backends: [127.0.0.1:9001, 127.0.0.1:8082, db.example:8080] }",
+    )
+    .unwrap();
+}
+
+#[test]
+fn dual_stack_wildcards_overlap_unless_bindv6only() {
+    let v6only =
+        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1");
+    let docs = [
+        "listeners:
+  a: { bind: 0.0.0.0:8080, pool: app }
+  b: { bind: '[::]:8080', pool: app }
+pools: { app: { backends: [127.0.0.1:9001] } }",
+        "listeners:
+  a: { bind: [127.0.0.1:8080, '[::]:8080'], pool: app }
+pools: { app: { backends: [127.0.0.1:9001] } }",
+    ];
+    for doc in docs {
+        match Config::from_yaml(doc) {
+            Ok(_) => assert!(v6only, "with bindv6only=0, [::] covers IPv4 too:\n{doc}"),
+            Err(ConfigError::Invalid(p)) => {
+                assert!(!v6only, "{p:?}");
+                assert_eq!(p.len(), 1, "{p:?}");
+                assert!(p[0].to_string().contains("overlaps with"), "{p:?}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn a_password_file_is_read_only_if_small_and_regular() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
+    for (file, want) in [
+        (big.display().to_string(), "bytes"),
+        (dir.path().display().to_string(), "not a regular file"),
+    ] {
+        let got = problems(&with_pool_keys(&format!(
+            "health_check: {{ kind: redis, password_file: '{file}' }}"
+        )));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("pools.app.health_check.password_file: ")
+                && got[0].contains(&file)
+                && got[0].contains(want),
+            "{}",
+            got[0]
+        );
+    }
+}
+
+#[test]
+fn a_missing_pool_lists_a_few_of_the_others() {
+    let pools: String = (0..12)
+        .map(|i| format!("  p{i}: {{ backends: [127.0.0.1:9001] }}\n"))
+        .collect();
+    let got = problems(&format!(
+        "listeners: {{ web: {{ bind: 127.0.0.1:8080, pool: app }} }}\npools:\n{pools}"
+    ));
+    assert_eq!(
+        got,
+        [
+            "listeners.web.pool: no pool is named `app` (pools: p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 and 2 more) (line 1, column 43)"
+        ]
+    );
+}
+
+#[test]
+fn aliases_may_not_expand_a_small_file_into_a_huge_one() {
+    // 8 KB: 2,000 aliases of a list of 1,000 values were 2 million values;
+    // the count stops at the alias that passes a million.
+    let list = vec!["1"; 1000].join(",");
+    let aliases = vec!["*a"; 2000].join(",");
+    let got = problems(&format!("{MINIMAL}server: &a [{list}]\nx: [{aliases}]\n"));
+    assert_eq!(
+        got,
+        [
+            "not accepted: the YAML holds more than 1000000 values once its aliases are expanded (line 8, column 2996)"
+        ]
+    );
+    // Sharing settings through anchors stays fine.
+    let c = Config::from_yaml(
+        "listeners: { web: { bind: 127.0.0.1:8080, pool: a } }
+pools:
+  a: &pool { health_check: { interval: 1s, timeout: 500ms }, backends: [127.0.0.1:9001] }
+  b: *pool
+  c: { <<: *pool, connect_attempts: 1 }",
+    )
+    .unwrap();
+    assert_eq!(c.pools.len(), 3);
+}

@@ -4,7 +4,7 @@ use roles::RoleBook;
 
 fn pool(yaml_pool: &str) -> Arc<Pool> {
     let src =
-        format!("listeners: {{ l: {{ bind: 127.0.0.1:1, pool: p }} }}\npools:\n  p:\n{yaml_pool}");
+        format!("listeners: {{ l: {{ bind: 127.0.0.1:99, pool: p }} }}\npools:\n  p:\n{yaml_pool}");
     let config = Config::from_yaml(&src).unwrap();
     Pool::new(&config.pools[0], &Metrics::new(), &RoleBook::new())
 }
@@ -285,7 +285,7 @@ fn reconfigure_keeps_the_health_of_backends_that_stay() {
     set(&p, 1, Health::Down);
     set(&p, 2, Health::Up);
     let (kept, gone) = (p.backend(1), p.backend(2));
-    let src = "listeners: { l: { bind: 127.0.0.1:1, pool: p } }
+    let src = "listeners: { l: { bind: 127.0.0.1:99, pool: p } }
 pools:
   p:
     backends: [127.0.0.1:2, { address: 127.0.0.1:1, weight: 3 }, 127.0.0.1:4]";
@@ -466,7 +466,7 @@ fn replicas_serve_reads_and_fall_back_to_the_primary_when_asked() {
 #[test]
 fn backend_role_metric_shows_the_current_role() {
     let m = Metrics::new();
-    let src = "listeners: { l: { bind: 127.0.0.1:1, pool: p } }\npools:\n  p:\n    role: primary\n    health_check: { kind: redis }\n    backends: [127.0.0.1:1]";
+    let src = "listeners: { l: { bind: 127.0.0.1:99, pool: p } }\npools:\n  p:\n    role: primary\n    health_check: { kind: redis }\n    backends: [127.0.0.1:1]";
     let config = Config::from_yaml(src).unwrap();
     let p = Pool::new(&config.pools[0], &m, &RoleBook::new());
     let text = || String::from_utf8(m.render()).unwrap();
