@@ -126,13 +126,13 @@ pub async fn probe_within(
         CheckKind::Mysql(credentials) => mysql::probe(credentials, addr, budget).await,
         CheckKind::Postgres(check) => postgres::probe(check, addr, budget).await,
     };
-    result.map_err(ProbeError::printable)
+    result.map_err(ProbeError::for_log)
 }
 
 impl ProbeError {
     /// The same error with any text that came from the peer made safe for
     /// one log line: control characters escaped, cut at [`MESSAGE_LEN`].
-    fn printable(self) -> ProbeError {
+    fn for_log(self) -> ProbeError {
         match self {
             ProbeError::Protocol(m) => ProbeError::Protocol(printable(&m)),
             ProbeError::Auth(m) => ProbeError::Auth(printable(&m)),

@@ -191,7 +191,9 @@ async fn serve(mut s: TcpStream, act: Act) -> Served {
         Act::Md5 => {
             let _ = s.write_all(&auth(5, b"salt")).await;
             if read_some(&mut s, &mut got).await && got.ends_with(b"\0") {
-                let _ = s.write_all(&[auth(0, b""), ready()].concat()).await;
+                // A notice whose text would forge a log line if logged.
+                let notice = msg(b'N', b"SNOTICE\0C00000\0MPEER-NOTICE\nforged line\0\0");
+                let _ = s.write_all(&[auth(0, b""), notice, ready()].concat()).await;
                 if read_some(&mut s, &mut got).await {
                     let _ = s.write_all(&primary()).await;
                 }
@@ -384,5 +386,9 @@ async fn the_postgres_monitor_password_never_goes_out_in_cleartext_nor_as_md5_un
     );
     let log = sluice.log();
     assert!(!log.contains(PASSWORD), "the password is in the log");
+    assert!(
+        !log.contains("PEER-NOTICE"),
+        "a server's notice text is in the log"
+    );
     assert!(!log.contains("panicked"));
 }

@@ -1487,3 +1487,29 @@ async fn redis_password_goes_only_to_a_peer_that_speaks_resp() {
         preview(&read)
     );
 }
+
+#[tokio::test]
+async fn a_peer_cannot_forge_log_lines_or_flood_the_log() {
+    let forged = format!(
+        "bad password\n[2026-01-01T00:00:00Z INFO  sluice::pool] pool app: backend 10.0.0.1:5432 is UP\x1b[0m{}",
+        "x".repeat(10_000)
+    );
+    let (addr, _) = scripted(vec![pg_error("28P01", &forged)]).await;
+    let pg = run(&pg_kind(), addr)
+        .await
+        .expect_err("refused")
+        .to_string();
+    let addr = blurt([greeting(&NONCE, NATIVE), err_packet(2, 1045, &forged)].concat()).await;
+    let my = run(&CheckKind::Mysql(creds(Some("m"), None)), addr)
+        .await
+        .expect_err("denied")
+        .to_string();
+    for message in [pg, my] {
+        assert!(
+            !message.chars().any(char::is_control),
+            "control characters reach the log: {message:?}"
+        );
+        assert!(message.contains("bad password\\n[2026"), "{message}");
+        assert!(message.chars().count() < 400, "{} chars", message.len());
+    }
+}
