@@ -1513,3 +1513,61 @@ async fn a_peer_cannot_forge_log_lines_or_flood_the_log() {
         assert!(message.chars().count() < 400, "{} chars", message.len());
     }
 }
+
+#[tokio::test]
+async fn every_kind_reads_through_the_one_budget() {
+    let http_ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+    let cases: Vec<(CheckKind, Vec<Vec<u8>>)> = vec![
+        (
+            CheckKind::SendExpect(vec![
+                Step::Send(b"HI\r\n".to_vec()),
+                Step::Expect(pattern("^OK")),
+            ]),
+            vec![b"OK, and a long line after it\r\n".to_vec()],
+        ),
+        (CheckKind::Http(http("/")), vec![http_ok]),
+        (
+            CheckKind::Redis(creds(None, None)),
+            vec![PONG.to_vec(), ROLE_MASTER.to_vec()],
+        ),
+        (pg_kind(), vec![pg_login_ok(), pg_result("f")]),
+    ];
+    for (kind, replies) in cases {
+        // Each passes with the whole budget…
+        let (addr, _) = scripted(replies.clone()).await;
+        let budget = Budget::new(READ_BUDGET);
+        let r = probe_within(&kind, addr, "h", &budget).await;
+        assert!(r.is_ok(), "{}: {r:?}", kind.name());
+        assert!(
+            budget.used() > 16,
+            "{}: read {}",
+            kind.name(),
+            budget.used()
+        );
+        // …and fails, reading one byte past it, with 16 bytes.
+        let (addr, _) = scripted(replies).await;
+        let budget = Budget::new(16);
+        let err = probe_within(&kind, addr, "h", &budget)
+            .await
+            .expect_err("over budget");
+        assert!(
+            matches!(err, ProbeError::TooMuch(16)),
+            "{}: {err:?}",
+            kind.name()
+        );
+        assert_eq!(budget.used(), 17, "{}", kind.name());
+    }
+    // MySQL speaks first.
+    let reply = [greeting(&NONCE, NATIVE), ok_packet(2), result_set(b"0")].concat();
+    let budget = Budget::new(16);
+    let err = probe_within(
+        &CheckKind::Mysql(creds(Some("m"), None)),
+        blurt(reply).await,
+        "h",
+        &budget,
+    )
+    .await
+    .expect_err("over budget");
+    assert!(matches!(err, ProbeError::TooMuch(16)), "mysql: {err:?}");
+    assert_eq!(budget.used(), 17);
+}
