@@ -10,11 +10,12 @@ DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redi
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
-.PHONY: help deps bench-deps build release run test bench soak lint check-config docker-build docker-up docker-down clean
+.PHONY: help deps bench-deps build release run test fuzz bench soak lint check-config docker-build docker-up docker-down clean
 
 help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
 	@echo "make test     lint and run every test (unit + integration over real sockets)"
+	@echo "make fuzz     the health-check fuzz targets at length (FUZZ_CASES per target, default 3000; a few minutes)"
 	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~12 min)"
 	@echo "make soak     minutes of load with churn, reloads and restarts; RSS and fds must stay flat (SOAK_SECS, default 300)"
 	@echo "make release  build target/release/sluice"
@@ -47,6 +48,13 @@ run: build
 
 test: deps lint
 	$(CARGO) test --locked
+
+# The health-check fuzz targets (tests/check_fuzz.rs), with many more cases
+# than the 40 per target that `make test` runs. An unoptimized build on
+# purpose: it keeps overflow checks on.
+FUZZ_CASES ?= 3000
+fuzz:
+	SLUICE_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --locked --test check_fuzz -- --nocapture
 
 bench: deps bench-deps release
 	python3 bench/bench.py

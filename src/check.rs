@@ -5,13 +5,28 @@
 //! probe's future and nothing is spawned.
 //!
 //! Each protocol has its own file under `check/`; the shared pieces (connect
-//! with local-resource classification, bounded reads, printable previews of
-//! what a peer sent) live here.
+//! with local-resource classification, the read budget, bounded reads,
+//! printable previews of what a peer sent) live here.
+//!
+//! # The read budget
+//!
+//! Every byte a check reads from its peer passes through one [`Metered`]
+//! stream, and all the connections of one check draw on one [`Budget`] of
+//! [`READ_BUDGET`] bytes. A peer that sends more (endless rows, notices,
+//! parameters, huge replies made of pieces each under a protocol's own
+//! limits) makes the read fail with [`ProbeError::TooMuch`]: the probe
+//! returns, which drops the connection. So what a check can hold is bounded
+//! by the budget whatever the protocol code keeps, and nothing outlives the
+//! probe's future.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::CheckKind;
@@ -22,6 +37,8 @@ mod postgres;
 mod redis;
 mod send_expect;
 
+#[cfg(test)]
+mod fixtures;
 #[cfg(test)]
 mod tests;
 
@@ -66,6 +83,10 @@ pub enum ProbeError {
     /// the backend.
     #[error("local resources exhausted: {0}")]
     Local(io::Error),
+    /// The peer sent more than the check's read budget (in bytes); the
+    /// connection was dropped.
+    #[error("the peer sent more than {} KiB in one check; connection dropped", .0 / 1024)]
+    TooMuch(usize),
 }
 
 impl ProbeError {
@@ -86,15 +107,46 @@ pub async fn probe(
     addr: SocketAddr,
     host: &str,
 ) -> Result<Option<Role>, ProbeError> {
-    match kind {
-        CheckKind::Tcp => connect(addr).await.map(|_| None),
-        CheckKind::SendExpect(steps) => send_expect::probe(steps, addr).await,
-        CheckKind::Http(check) => http::probe(check, addr, host).await,
-        CheckKind::Redis(credentials) => redis::probe(credentials, addr).await,
-        CheckKind::Mysql(credentials) => mysql::probe(credentials, addr).await,
-        CheckKind::Postgres(check) => postgres::probe(check, addr).await,
+    probe_within(kind, addr, host, &Budget::new(READ_BUDGET)).await
+}
+
+/// [`probe`] drawing on `budget` (which tells afterwards how much was read)
+/// instead of a fresh one of [`READ_BUDGET`].
+pub async fn probe_within(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    host: &str,
+    budget: &Budget,
+) -> Result<Option<Role>, ProbeError> {
+    let result = match kind {
+        CheckKind::Tcp => connect(addr, budget).await.map(|_| None),
+        CheckKind::SendExpect(steps) => send_expect::probe(steps, addr, budget).await,
+        CheckKind::Http(check) => http::probe(check, addr, host, budget).await,
+        CheckKind::Redis(credentials) => redis::probe(credentials, addr, budget).await,
+        CheckKind::Mysql(credentials) => mysql::probe(credentials, addr, budget).await,
+        CheckKind::Postgres(check) => postgres::probe(check, addr, budget).await,
+    };
+    result.map_err(ProbeError::for_log)
+}
+
+impl ProbeError {
+    /// The same error with any text that came from the peer made safe for
+    /// one log line: control characters escaped, cut at [`MESSAGE_LEN`].
+    fn for_log(self) -> ProbeError {
+        match self {
+            ProbeError::Protocol(m) => ProbeError::Protocol(printable(&m)),
+            ProbeError::Auth(m) => ProbeError::Auth(printable(&m)),
+            ProbeError::Failed(m) => ProbeError::Failed(printable(&m)),
+            other => other,
+        }
     }
 }
+
+/// Most bytes one check may read from its peer, all its connections
+/// together. A real answer is a few KiB (the largest, an HTTP check with
+/// both role paths, reads at most 3 × [`TEXT_CAP`]); a peer that sends more
+/// is flooding the check.
+pub const READ_BUDGET: usize = 1024 * 1024;
 
 /// Most bytes the text protocols (send/expect, HTTP) keep of a reply.
 const TEXT_CAP: usize = 64 * 1024;
@@ -102,9 +154,121 @@ const TEXT_CAP: usize = 64 * 1024;
 /// How many bytes of a peer's reply go into an error message.
 const PREVIEW_LEN: usize = 80;
 
+/// Most characters of an error message (server messages included).
+const MESSAGE_LEN: usize = 300;
+
+/// What one check may read: shared by all its connections.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    limit: usize,
+    used: Arc<AtomicUsize>,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Bytes read from the peer so far: at most the limit, plus the one
+    /// byte that proved the peer was sending more.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// How many bytes the next read may take: what is left, and one more
+    /// to tell a peer that stops exactly at the limit from one that goes on.
+    fn allowance(&self) -> io::Result<usize> {
+        let used = self.used();
+        if used > self.limit {
+            return Err(self.exceeded());
+        }
+        Ok(self.limit - used + 1)
+    }
+
+    /// Count `n` more bytes read; the error once past the limit.
+    fn spend(&self, n: usize) -> io::Result<()> {
+        let used = self.used.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+        if used > self.limit {
+            return Err(self.exceeded());
+        }
+        Ok(())
+    }
+
+    fn exceeded(&self) -> io::Error {
+        io::Error::other(OverBudget(self.limit))
+    }
+}
+
+/// The budget's verdict, carried inside an `io::Error` through drivers.
+#[derive(Debug, thiserror::Error)]
+#[error("read budget of {0} bytes exceeded")]
+pub(crate) struct OverBudget(pub(crate) usize);
+
+/// A stream whose reads draw on a [`Budget`]. A read never takes more from
+/// the socket than the budget allows (plus one byte); once the peer has sent
+/// more, every read fails, and the bytes past the budget never reach the
+/// caller.
+pub(crate) struct Metered<S> {
+    inner: S,
+    budget: Budget,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let room = buf.remaining().min(this.budget.allowance()?);
+        if room == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        // Read into at most `room` bytes of the caller's buffer (made
+        // initialized first, so that handing them on needs no `unsafe`).
+        let mut part = ReadBuf::new(buf.initialize_unfilled_to(room));
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+        let n = part.filled().len();
+        this.budget.spend(n)?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A read error as a probe error: [`ProbeError::TooMuch`] when it is the
+/// budget's.
+fn read_error(e: io::Error) -> ProbeError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<OverBudget>()) {
+        Some(OverBudget(limit)) => ProbeError::TooMuch(*limit),
+        None => ProbeError::Io(e),
+    }
+}
+
 /// Connect to `addr`, telling this process's own shortage apart from the
-/// backend's refusal.
-async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
+/// backend's refusal; reads from the connection draw on `budget`.
+async fn connect(addr: SocketAddr, budget: &Budget) -> Result<Metered<TcpStream>, ProbeError> {
     let stream = TcpStream::connect(addr).await.map_err(|e| {
         if is_local_error(&e) {
             ProbeError::Local(e)
@@ -114,7 +278,10 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
     })?;
     // Requests are small and written whole; do not wait on Nagle.
     let _ = stream.set_nodelay(true);
-    Ok(stream)
+    Ok(Metered {
+        inner: stream,
+        budget: budget.clone(),
+    })
 }
 
 /// Whether `e` is this process running out of descriptors or buffers.
@@ -129,7 +296,7 @@ fn is_local_error(e: &io::Error) -> bool {
 /// Read once from `stream`, appending to `buf` but never past `cap` bytes.
 /// Returns how many bytes came: 0 means end of stream (or `buf` is full).
 async fn read_some(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut Vec<u8>,
     cap: usize,
 ) -> Result<usize, ProbeError> {
@@ -139,10 +306,28 @@ async fn read_some(
         return Ok(0);
     }
     buf.resize(old + room, 0);
-    let read = stream.read(&mut buf[old..]).await;
+    let read = stream.read(buf.get_mut(old..).unwrap_or_default()).await;
     let n = *read.as_ref().unwrap_or(&0);
     buf.truncate(old + n);
-    read.map_err(ProbeError::Io)
+    read.map_err(read_error)
+}
+
+/// `text` (often a server's own message) for one log line: control
+/// characters escaped, at most [`MESSAGE_LEN`] characters.
+fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == MESSAGE_LEN {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The first bytes of `bytes`, quoted and escaped for an error message.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt;
 
-use super::{ProbeError, Role, TEXT_CAP, closed_before, connect, preview, read_some};
+use super::{Budget, ProbeError, Role, TEXT_CAP, closed_before, connect, preview, read_some};
 use crate::config::HttpCheck;
 
 /// Run the check, then ask for the role when paths for it are set.
@@ -14,6 +14,7 @@ pub(super) async fn probe(
     check: &HttpCheck,
     addr: SocketAddr,
     host: &str,
+    budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let addr = match check.port {
         Some(port) => SocketAddr::new(addr.ip(), port),
@@ -21,7 +22,7 @@ pub(super) async fn probe(
     };
     let host = check.host.as_deref().unwrap_or(host);
 
-    let resp = get(addr, host, &check.path).await?;
+    let resp = get(addr, host, &check.path, budget).await?;
     let (lo, hi) = check.status;
     if !(lo..=hi).contains(&resp.status) {
         return Err(ProbeError::Failed(format!(
@@ -42,7 +43,7 @@ pub(super) async fn probe(
 
     let mut primary_status = None;
     if let Some(path) = &check.primary_path {
-        let status = get(addr, host, path).await?.status;
+        let status = get(addr, host, path, budget).await?.status;
         if is_2xx(status) {
             return Ok(Some(Role::Primary));
         }
@@ -52,7 +53,7 @@ pub(super) async fn probe(
         // Not the primary, by its own path's answer.
         return Ok(primary_status.map(|_| Role::Replica));
     };
-    let status = get(addr, host, path).await?.status;
+    let status = get(addr, host, path, budget).await?.status;
     if is_2xx(status) {
         return Ok(Some(Role::Replica));
     }
@@ -79,7 +80,12 @@ pub(super) struct Response {
 }
 
 /// GET `path` from `addr` over a fresh connection.
-async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Response, ProbeError> {
+async fn get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    budget: &Budget,
+) -> Result<Response, ProbeError> {
     // Config validation should keep these out; a CR/LF would split the request.
     if has_ctl(path) || has_ctl(host) {
         return Err(ProbeError::Failed(format!(
@@ -97,7 +103,7 @@ async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Response, Probe
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sluice-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
 
-    let mut stream = connect(addr).await?;
+    let mut stream = connect(addr, budget).await?;
     stream
         .write_all(request.as_bytes())
         .await

@@ -12,7 +12,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{ProbeError, Role, closed_before, connect, preview, read_some};
+use super::{Budget, Metered, ProbeError, Role, closed_before, connect, preview, read_some};
 use crate::config::Credentials;
 
 /// Largest packet accepted from the server.
@@ -40,9 +40,10 @@ const QUERY: &str = "SELECT @@global.read_only";
 pub(super) async fn probe(
     credentials: &Credentials,
     addr: SocketAddr,
+    budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let mut conn = Conn {
-        stream: connect(addr).await?,
+        stream: connect(addr, budget).await?,
         buf: Vec::new(),
         seq: 0,
     };
@@ -333,7 +334,7 @@ pub(super) fn parse_err(packet: &[u8]) -> Option<(u16, String)> {
 
 /// One connection, what was read ahead, and the packet sequence number.
 struct Conn {
-    stream: TcpStream,
+    stream: Metered<TcpStream>,
     buf: Vec<u8>,
     seq: u8,
 }

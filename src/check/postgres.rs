@@ -2,10 +2,18 @@
 //! own, then `SELECT pg_is_in_recovery()` for the role.
 //!
 //! The driver's `Connection` is polled inside the probe's own future, never
-//! spawned, so dropping the probe closes everything. Reads pass through
+//! spawned, so dropping the probe closes everything; its notices are
+//! dropped, not logged (their text is the peer's). Reads pass through
 //! [`Guard`], which checks the framing of backend messages before the driver
 //! sees them: the driver reserves whatever length a peer announces, so a
-//! non-PostgreSQL peer could otherwise make it allocate gigabytes.
+//! non-PostgreSQL peer could otherwise make it allocate gigabytes. Under the
+//! guard, the check's read budget bounds the total.
+//!
+//! The guard also decides which password exchanges the driver may answer:
+//! never cleartext (`AuthenticationCleartextPassword` would hand the monitor
+//! password to whoever sits at the backend's address), MD5 only with
+//! `allow_md5` (its answer can be replayed through a relay and cracked
+//! offline); SCRAM and trust always.
 
 use std::fmt;
 use std::io;
@@ -17,20 +25,32 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, SimpleQueryMessage};
+use tokio_postgres::{Connection, NoTls, SimpleQueryMessage};
 
-use super::{ProbeError, Role, closed_before, connect, preview};
+use super::{Budget, OverBudget, ProbeError, Role, closed_before, connect, preview};
 use crate::config::PostgresCheck;
 
 /// Largest backend message accepted.
 const MAX_MESSAGE: usize = 1024 * 1024;
 
+/// Most backend messages one check reads. A login and the query take about
+/// twenty; the driver keeps each row, notice and parameter it is sent as a
+/// parsed object many times the size of a tiny message, so the byte budget
+/// alone would let a peer make it hold 17 times that budget.
+const MAX_MESSAGES: usize = 1000;
+
+/// Authentication request codes (the first field of an `R` message).
+const AUTH_CLEARTEXT: u32 = 3;
+const AUTH_MD5: u32 = 5;
+
 /// Log in, ask whether the server is in recovery, and terminate.
 pub(super) async fn probe(
     check: &PostgresCheck,
     addr: SocketAddr,
+    budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
-    let stream = Guard::new(connect(addr).await?);
+    let mut stream = Guard::new(connect(addr, budget).await?);
+    stream.allow_md5 = check.allow_md5;
     let credentials = &check.credentials;
     let mut config = tokio_postgres::Config::new();
     config
@@ -43,6 +63,7 @@ pub(super) async fn probe(
     }
 
     let (client, mut connection) = config.connect_raw(stream, NoTls).await.map_err(map_error)?;
+    let mut ended = false;
     let messages = {
         let query = client.simple_query("SELECT pg_is_in_recovery()");
         tokio::pin!(query);
@@ -50,7 +71,8 @@ pub(super) async fn probe(
         tokio::select! {
             biased;
             r = &mut query => r.map_err(map_error)?,
-            r = &mut connection => {
+            r = drive(&mut connection) => {
+                ended = true;
                 // It may have handed over the whole answer before it saw
                 // the peer close.
                 match (&mut query).now_or_never() {
@@ -65,7 +87,9 @@ pub(super) async fn probe(
     };
     // Dropping the client makes the connection send Terminate and finish.
     drop(client);
-    let _ = connection.await;
+    if !ended {
+        let _ = drive(&mut connection).await;
+    }
 
     let mut value = None;
     for message in &messages {
@@ -83,6 +107,26 @@ pub(super) async fn probe(
             "pg_is_in_recovery() returned no row".to_string(),
         )),
     }
+}
+
+/// Run the connection until it ends, dropping notices and notifications:
+/// the driver's own loop (its `Future`) would log every notice at info level,
+/// with whatever text the peer chose.
+async fn drive<S, T>(connection: &mut Connection<S, T>) -> Result<(), tokio_postgres::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    futures::future::poll_fn(|cx| {
+        loop {
+            match ready!(connection.poll_message(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    })
+    .await
 }
 
 /// Sort a driver error into the probe's kinds.
@@ -106,9 +150,14 @@ fn map_error(e: tokio_postgres::Error) -> ProbeError {
     let detail = source.as_ref().map(|s| s.to_string()).unwrap_or_default();
     match source.map(|s| s.downcast::<io::Error>()) {
         Some(Ok(io)) => {
-            if let Some(NotPostgres(m)) = io.get_ref().and_then(|i| i.downcast_ref::<NotPostgres>())
-            {
-                return ProbeError::Protocol(m.clone());
+            let inner = io.get_ref();
+            match inner.and_then(|i| i.downcast_ref::<Refusal>()) {
+                Some(Refusal::NotPostgres(m)) => return ProbeError::Protocol(m.clone()),
+                Some(Refusal::Auth(m)) => return ProbeError::Auth(m.clone()),
+                None => {}
+            }
+            if let Some(OverBudget(limit)) = inner.and_then(|i| i.downcast_ref::<OverBudget>()) {
+                return ProbeError::TooMuch(*limit);
             }
             match io.kind() {
                 // The driver's own parse errors arrive as I/O errors too.
@@ -130,45 +179,64 @@ fn map_error(e: tokio_postgres::Error) -> ProbeError {
 }
 
 /// The guard's verdict, carried inside an `io::Error` through the driver.
-#[derive(Debug)]
-struct NotPostgres(String);
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The bytes are not PostgreSQL's framing.
+    NotPostgres(String),
+    /// The server asks for a password exchange the check does not answer.
+    Auth(String),
+}
 
-impl fmt::Display for NotPostgres {
+impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Refusal::NotPostgres(m) | Refusal::Auth(m) => f.write_str(m),
+        }
     }
 }
 
-impl std::error::Error for NotPostgres {}
+impl std::error::Error for Refusal {}
 
-/// A stream that checks backend message framing (tag byte, length) as bytes
-/// are read.
+/// A stream that checks backend message framing (tag byte, length) and
+/// authentication requests as bytes are read, before the driver sees them.
 pub(super) struct Guard<S> {
     inner: S,
-    /// The current message's header, while it is being read.
-    header: [u8; 5],
+    /// Whether an MD5 password exchange may be answered.
+    pub(super) allow_md5: bool,
+    /// The current message's header and, for an authentication request,
+    /// its code, while they are being read.
+    header: [u8; 9],
     have: usize,
+    /// How many bytes of `header` this message has (5, or 9 for `R`).
+    want: usize,
     /// Body bytes of the current message still to come.
     skip: usize,
+    /// Messages begun so far.
+    messages: usize,
     /// The first bytes received, for the error message.
     seen: Vec<u8>,
-    failed: Option<String>,
+    failed: Option<Refusal>,
 }
 
 impl<S> Guard<S> {
     pub(super) fn new(inner: S) -> Self {
         Guard {
             inner,
-            header: [0; 5],
+            allow_md5: false,
+            header: [0; 9],
             have: 0,
+            want: 5,
             skip: 0,
+            messages: 0,
             seen: Vec::new(),
             failed: None,
         }
     }
 
-    /// Follow the framing through `data`; the reason when it is broken.
-    pub(super) fn check(&mut self, mut data: &[u8]) -> Result<(), String> {
+    /// Follow the framing through `data`; the reason when it is broken or
+    /// asks for a password exchange that is refused. A refused request is
+    /// caught by its last byte, so the driver never holds it whole.
+    pub(super) fn check(&mut self, mut data: &[u8]) -> Result<(), Refusal> {
         if let Some(reason) = &self.failed {
             return Err(reason.clone());
         }
@@ -187,24 +255,63 @@ impl<S> Guard<S> {
                 *slot = byte;
             }
             self.have += 1;
-            if self.have == 1 && !is_backend_tag(byte) {
-                return Err(self.fail());
-            }
-            if self.have == 5 {
-                self.have = 0;
-                let [_, a, b, c, d] = self.header;
-                let len = u32::from_be_bytes([a, b, c, d]) as usize;
-                if !(4..=MAX_MESSAGE).contains(&len) {
-                    return Err(self.fail());
+            if self.have == 1 {
+                if !is_backend_tag(byte) {
+                    return Err(self.not_postgres());
                 }
-                self.skip = len - 4;
+                self.messages += 1;
+                if self.messages > MAX_MESSAGES {
+                    let reason = Refusal::NotPostgres(format!(
+                        "PostgreSQL: more than {MAX_MESSAGES} messages in one check; connection dropped"
+                    ));
+                    self.failed = Some(reason.clone());
+                    return Err(reason);
+                }
+            }
+            let [tag, a, b, c, d, e, f, g, h] = self.header;
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
+            if self.have == 5 {
+                if !(4..=MAX_MESSAGE).contains(&len) {
+                    return Err(self.not_postgres());
+                }
+                // An authentication request: read its code too.
+                self.want = if tag == b'R' && len >= 8 { 9 } else { 5 };
+            }
+            if self.have == self.want {
+                if self.want == 9 {
+                    self.refuse(u32::from_be_bytes([e, f, g, h]))?;
+                }
+                self.skip = len + 1 - self.have;
+                self.have = 0;
+                self.want = 5;
             }
         }
         Ok(())
     }
 
-    fn fail(&mut self) -> String {
-        let reason = format!("not a PostgreSQL server: got {}", preview(&self.seen));
+    /// Refuse authentication request `code` when the check must not answer it.
+    fn refuse(&mut self, code: u32) -> Result<(), Refusal> {
+        let reason = match code {
+            AUTH_CLEARTEXT => {
+                "the server asks for the password in cleartext; sluice never sends it \
+                 (use scram-sha-256 for the monitoring user)"
+            }
+            AUTH_MD5 if !self.allow_md5 => {
+                "the server asks for an MD5 password hash, refused by default \
+                 (use scram-sha-256, or set allow_md5: true on this check)"
+            }
+            _ => return Ok(()),
+        };
+        let refusal = Refusal::Auth(reason.to_string());
+        self.failed = Some(refusal.clone());
+        Err(refusal)
+    }
+
+    fn not_postgres(&mut self) -> Refusal {
+        let reason = Refusal::NotPostgres(format!(
+            "not a PostgreSQL server: got {}",
+            preview(&self.seen)
+        ));
         self.failed = Some(reason.clone());
         reason
     }
@@ -227,10 +334,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
         let fresh = buf.filled().get(before..).unwrap_or_default();
         match this.check(fresh) {
             Ok(()) => Poll::Ready(Ok(())),
-            Err(reason) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                NotPostgres(reason),
-            ))),
+            Err(reason) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, reason))),
         }
     }
 }

@@ -1,5 +1,9 @@
-//! The `redis` check: optional `AUTH`, then `PING` and `ROLE`, over RESP2
-//! with a small reader that bounds every length it is told.
+//! The `redis` check: `PING`, `AUTH` when a password is set, then `ROLE`,
+//! over RESP2 with a small reader that bounds every length it is told.
+//!
+//! `AUTH` sends the password in cleartext (RESP has no other way, and the
+//! check speaks no TLS); it is sent only after the peer has answered `PING`
+//! in RESP.
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,7 +11,7 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{ProbeError, Role, closed_before, connect, preview, read_some};
+use super::{Budget, Metered, ProbeError, Role, closed_before, connect, preview, read_some};
 use crate::config::Credentials;
 
 /// Longest bulk string accepted.
@@ -25,13 +29,23 @@ const REPLY_CAP: usize = 2 * 1024 * 1024;
 pub(super) async fn probe(
     credentials: &Credentials,
     addr: SocketAddr,
+    budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let mut conn = Conn {
-        stream: connect(addr).await?,
+        stream: connect(addr, budget).await?,
         buf: Vec::new(),
     };
 
+    // PING before AUTH: AUTH carries the password in cleartext, so it goes
+    // only to a peer that has answered in RESP (+PONG, or -NOAUTH when it
+    // wants a login), never to whatever else sits at the address.
+    let mut pong = conn.command(&[b"PING"]).await?;
     if let Some(password) = &credentials.password {
+        match &pong {
+            Value::Simple(_) => {}
+            Value::Error(e) if e.starts_with("NOAUTH") => {}
+            _ => return Err(ping_error(pong)),
+        }
         let password = password.expose().as_bytes();
         let reply = match &credentials.user {
             Some(user) => conn.command(&[b"AUTH", user.as_bytes(), password]).await?,
@@ -43,13 +57,13 @@ pub(super) async fn probe(
             Value::Error(e) => return Err(ProbeError::Auth(e)),
             other => return Err(unexpected("AUTH", &other)),
         }
+        if matches!(&pong, Value::Error(_)) {
+            pong = conn.command(&[b"PING"]).await?;
+        }
     }
-
-    match conn.command(&[b"PING"]).await? {
+    match pong {
         Value::Simple(s) if s == b"PONG" => {}
-        Value::Error(e) if e.starts_with("NOAUTH") => return Err(ProbeError::Auth(e)),
-        Value::Error(e) => return Err(ProbeError::Failed(format!("PING: {e}"))),
-        other => return Err(unexpected("PING", &other)),
+        other => return Err(ping_error(other)),
     }
 
     match conn.command(&[b"ROLE"]).await? {
@@ -69,6 +83,15 @@ pub(super) async fn probe(
         Value::Error(e) if e.starts_with("NOAUTH") => Err(ProbeError::Auth(e)),
         Value::Error(e) => Err(ProbeError::Failed(format!("ROLE: {e}"))),
         other => Err(unexpected("ROLE", &other)),
+    }
+}
+
+/// Why a reply to PING fails the check.
+fn ping_error(reply: Value) -> ProbeError {
+    match reply {
+        Value::Error(e) if e.starts_with("NOAUTH") => ProbeError::Auth(e),
+        Value::Error(e) => ProbeError::Failed(format!("PING: {e}")),
+        other => unexpected("PING", &other),
     }
 }
 
@@ -106,7 +129,7 @@ fn show(value: &Value) -> String {
 
 /// One connection and what was read ahead.
 struct Conn {
-    stream: TcpStream,
+    stream: Metered<TcpStream>,
     buf: Vec<u8>,
 }
 

@@ -5,12 +5,16 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{ProbeError, Role, TEXT_CAP, connect, preview, read_some};
+use super::{Budget, Metered, ProbeError, Role, TEXT_CAP, connect, preview, read_some};
 use crate::config::{Expect, Step};
 
 /// Run `steps` in order over one connection.
-pub(super) async fn probe(steps: &[Step], addr: SocketAddr) -> Result<Option<Role>, ProbeError> {
-    let mut stream = connect(addr).await?;
+pub(super) async fn probe(
+    steps: &[Step],
+    addr: SocketAddr,
+    budget: &Budget,
+) -> Result<Option<Role>, ProbeError> {
+    let mut stream = connect(addr, budget).await?;
     let mut buf = Vec::new();
     for step in steps {
         match step {
@@ -27,7 +31,7 @@ pub(super) async fn probe(steps: &[Step], addr: SocketAddr) -> Result<Option<Rol
 
 /// Read into `buf` until `expect` is met.
 async fn wait_for(
-    stream: &mut TcpStream,
+    stream: &mut Metered<TcpStream>,
     buf: &mut Vec<u8>,
     expect: &Expect,
 ) -> Result<(), ProbeError> {

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use super::fixtures::*;
 use super::*;
 use crate::config::{Credentials, Expect, HttpCheck, Pattern, PostgresCheck, Secret, Step};
 
@@ -315,11 +316,6 @@ async fn http_server(
     (addr, log)
 }
 
-fn status(code: u16) -> Vec<u8> {
-    format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
-        .into_bytes()
-}
-
 fn http(path: &str) -> HttpCheck {
     HttpCheck {
         path: path.to_string(),
@@ -604,11 +600,6 @@ fn http_parser_cases() {
 
 // ------------------------------------------------------------------ redis
 
-const PONG: &[u8] = b"+PONG\r\n";
-const ROLE_MASTER: &[u8] = b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n";
-const ROLE_SLAVE: &[u8] =
-    b"*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n$9\r\nconnected\r\n:14\r\n";
-
 #[tokio::test]
 async fn redis_roles() {
     let (addr, h) = scripted(vec![PONG.to_vec(), ROLE_MASTER.to_vec()]).await;
@@ -649,7 +640,9 @@ async fn redis_roles() {
 
 #[tokio::test]
 async fn redis_auth() {
+    let noauth = b"-NOAUTH Authentication required.\r\n".to_vec();
     let (addr, h) = scripted(vec![
+        noauth.clone(),
         b"+OK\r\n".to_vec(),
         PONG.to_vec(),
         ROLE_MASTER.to_vec(),
@@ -660,10 +653,31 @@ async fn redis_auth() {
     let seen = h.await.expect("server");
     assert_eq!(
         seen.first().map(Vec::as_slice),
+        Some(&b"*1\r\n$4\r\nPING\r\n"[..])
+    );
+    assert_eq!(
+        seen.get(1).map(Vec::as_slice),
         Some(&b"*3\r\n$4\r\nAUTH\r\n$3\r\nmon\r\n$6\r\ns3cret\r\n"[..])
     );
 
+    // A server that answers PING without a login still gets AUTH (an ACL
+    // user may have rights the default user lacks), and no second PING.
     let (addr, h) = scripted(vec![
+        PONG.to_vec(),
+        b"+OK\r\n".to_vec(),
+        ROLE_SLAVE.to_vec(),
+    ])
+    .await;
+    assert_eq!(run(&kind, addr).await.expect("auth"), Some(Role::Replica));
+    let seen = h.await.expect("server");
+    assert!(
+        seen.get(1)
+            .is_some_and(|c| c.starts_with(b"*3\r\n$4\r\nAUTH")),
+        "{seen:?}"
+    );
+
+    let (addr, h) = scripted(vec![
+        noauth,
         b"-WRONGPASS invalid username-password pair or user is disabled.\r\n".to_vec(),
     ])
     .await;
@@ -674,9 +688,16 @@ async fn redis_auth() {
     assert!(!err.to_string().contains("s3cret"), "{err}");
     let seen = h.await.expect("server");
     assert_eq!(
-        seen.first().map(Vec::as_slice),
+        seen.get(1).map(Vec::as_slice),
         Some(&b"*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n"[..])
     );
+
+    // Busy before the login: no password is sent.
+    let (addr, h) = scripted(vec![b"-LOADING Redis is loading\r\n".to_vec()]).await;
+    let err = run(&kind, addr).await.expect_err("loading");
+    assert!(matches!(err, ProbeError::Failed(_)), "{err:?}");
+    let seen = h.await.expect("server").concat();
+    assert!(!seen.windows(6).any(|w| w == b"s3cret"), "{seen:?}");
 }
 
 #[tokio::test]
@@ -761,71 +782,6 @@ fn resp_parser_bounds() {
 }
 
 // ------------------------------------------------------------------ mysql
-
-const NONCE: [u8; 20] = *b"abcdefghij0123456789";
-const NATIVE: &str = "mysql_native_password";
-
-fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut out = len.to_le_bytes()[..3].to_vec();
-    out.push(seq);
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A MySQL 5.7-like initial handshake packet.
-fn greeting(nonce: &[u8; 20], plugin: &str) -> Vec<u8> {
-    let caps: u32 = 0x0000_0001 | 0x200 | 0x2000 | 0x8000 | 0x8_0000 | 0x8;
-    let mut p = vec![10];
-    p.extend_from_slice(b"5.7.44-fake\0");
-    p.extend_from_slice(&42u32.to_le_bytes());
-    p.extend_from_slice(&nonce[..8]);
-    p.push(0);
-    p.extend_from_slice(&(caps as u16).to_le_bytes());
-    p.push(33);
-    p.extend_from_slice(&2u16.to_le_bytes());
-    p.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
-    p.push(21);
-    p.extend_from_slice(&[0; 10]);
-    p.extend_from_slice(&nonce[8..]);
-    p.push(0);
-    p.extend_from_slice(plugin.as_bytes());
-    p.push(0);
-    packet(0, &p)
-}
-
-fn ok_packet(seq: u8) -> Vec<u8> {
-    packet(seq, &[0x00, 0, 0, 2, 0, 0, 0])
-}
-
-fn err_packet(seq: u8, code: u16, message: &str) -> Vec<u8> {
-    let mut p = vec![0xFF];
-    p.extend_from_slice(&code.to_le_bytes());
-    p.extend_from_slice(b"#28000");
-    p.extend_from_slice(message.as_bytes());
-    packet(seq, &p)
-}
-
-/// The result set of `SELECT @@global.read_only` holding `value`.
-fn result_set(value: &[u8]) -> Vec<u8> {
-    let mut col = Vec::new();
-    for s in ["def", "", "", "", "@@global.read_only", ""] {
-        col.push(s.len() as u8);
-        col.extend_from_slice(s.as_bytes());
-    }
-    col.extend_from_slice(&[0x0c, 63, 0, 1, 0, 0, 0, 0x08, 0x80, 0, 0, 0, 0]);
-    let mut row = vec![value.len() as u8];
-    row.extend_from_slice(value);
-    let eof = [0xFE, 0, 0, 2, 0];
-    [
-        packet(1, &[1]),
-        packet(2, &col),
-        packet(3, &eof),
-        packet(4, &row),
-        packet(5, &eof),
-    ]
-    .concat()
-}
 
 async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; 4];
@@ -1084,61 +1040,11 @@ fn mysql_greeting_every_prefix_is_safe() {
 
 // --------------------------------------------------------------- postgres
 
-fn pg_msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-fn pg_error(code: &str, message: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (field, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', code),
-        (b'M', message),
-    ] {
-        body.push(field);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    pg_msg(b'E', &body)
-}
-
-fn pg_login_ok() -> Vec<u8> {
-    [
-        pg_msg(b'R', &0u32.to_be_bytes()),
-        pg_msg(b'S', b"server_version\x0015.0\x00"),
-        pg_msg(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]),
-        pg_msg(b'Z', b"I"),
-    ]
-    .concat()
-}
-
-fn pg_result(value: &str) -> Vec<u8> {
-    let mut desc = 1u16.to_be_bytes().to_vec();
-    desc.extend_from_slice(b"pg_is_in_recovery\0");
-    desc.extend_from_slice(&[
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0,
-    ]);
-    let mut row = 1u16.to_be_bytes().to_vec();
-    row.extend_from_slice(&(value.len() as u32).to_be_bytes());
-    row.extend_from_slice(value.as_bytes());
-    [
-        pg_msg(b'T', &desc),
-        pg_msg(b'D', &row),
-        pg_msg(b'C', b"SELECT 1\0"),
-        pg_msg(b'Z', b"I"),
-    ]
-    .concat()
-}
-
 fn pg_kind() -> CheckKind {
     CheckKind::Postgres(PostgresCheck {
         credentials: creds(Some("mon"), Some("pw")),
         database: "postgres".to_string(),
+        allow_md5: false,
     })
 }
 
@@ -1243,7 +1149,6 @@ async fn random_replies_never_panic() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let http_ok =
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec();
-    let redis_ok = [PONG, ROLE_SLAVE].concat();
     let mysql_ok = [greeting(&NONCE, NATIVE), ok_packet(2), result_set(b"1")].concat();
     let pg_ok = [pg_login_ok(), pg_result("t")].concat();
     let mut http_check = http("/");
@@ -1252,7 +1157,7 @@ async fn random_replies_never_panic() {
         (CheckKind::Http(http_check), http_ok),
         (
             CheckKind::Redis(creds(None, Some("pw"))),
-            [b"+OK\r\n".as_slice(), &redis_ok].concat(),
+            [PONG, b"+OK\r\n".as_slice(), ROLE_SLAVE].concat(),
         ),
         (CheckKind::Mysql(creds(Some("m"), None)), mysql_ok),
         (pg_kind(), pg_ok),
@@ -1291,4 +1196,378 @@ async fn random_replies_never_panic() {
             assert!(r.is_ok(), "{} hung on {}", kind.name(), preview(&reply));
         }
     }
+}
+
+// ------------------------------------------- hostile peers: budget, secrets
+
+/// One move of a scripted hostile peer.
+enum Turn {
+    /// Read once: wait for the client's next request.
+    Read,
+    /// Write these bytes.
+    Write(Vec<u8>),
+    /// Write `unit` over and over until `max` bytes went out or the client
+    /// is gone.
+    Flood(Vec<u8>, usize),
+}
+
+/// A peer that plays `turns`, then drains until the client closes. Returns
+/// the bytes the flood got out, and everything it read.
+async fn hostile(turns: Vec<Turn>) -> (SocketAddr, JoinHandle<(usize, Vec<u8>)>) {
+    one(|mut s| async move {
+        let mut got = Vec::new();
+        let mut sent = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        for turn in turns {
+            match turn {
+                Turn::Read => match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                    _ => return (sent, got),
+                },
+                Turn::Write(bytes) => {
+                    if s.write_all(&bytes).await.is_err() {
+                        return (sent, got);
+                    }
+                }
+                Turn::Flood(unit, max) => {
+                    let mut this = 0;
+                    while this < max {
+                        if s.write_all(&unit).await.is_err() {
+                            return (sent, got);
+                        }
+                        this += unit.len();
+                        sent += unit.len();
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown().await;
+        let drain = async {
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(buf.get(..n).unwrap_or_default());
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        (sent, got)
+    })
+    .await
+}
+
+/// What a flood may send before the probe must have given up: far more than
+/// a check may read, yet small enough for the test machine when a probe
+/// reads it all.
+const FLOOD: usize = 24 * 1024 * 1024;
+
+/// The probe failed for reading too much, and the peer could not push the
+/// whole flood (the connection was dropped).
+async fn assert_over_budget(
+    what: &str,
+    r: Result<Option<Role>, ProbeError>,
+    peer: JoinHandle<(usize, Vec<u8>)>,
+) {
+    let err = r.expect_err(what);
+    assert!(
+        err.to_string().contains("in one check"),
+        "{what}: want the read budget as the reason, got: {err}"
+    );
+    let (sent, _) = peer.await.expect("peer");
+    assert!(
+        sent < FLOOD,
+        "{what}: the peer pushed all {sent} bytes: the connection was not dropped"
+    );
+}
+
+#[tokio::test]
+async fn postgres_endless_rows_hit_the_read_budget() {
+    let mut row = 1u16.to_be_bytes().to_vec();
+    row.extend_from_slice(&4000u32.to_be_bytes());
+    row.extend_from_slice(&[b'f'; 4000]);
+    let (addr, peer) = hostile(vec![
+        Turn::Read,
+        Turn::Write(pg_login_ok()),
+        Turn::Read,
+        Turn::Write(pg_result("f")[..pg_result("f").len() - 6 - 14].to_vec()),
+        Turn::Flood(pg_msg(b'D', &row), FLOOD),
+    ])
+    .await;
+    assert_over_budget("rows", run(&pg_kind(), addr).await, peer).await;
+}
+
+#[tokio::test]
+async fn postgres_endless_notices_hit_the_read_budget() {
+    let mut notice = b"SNOTICE\0VNOTICE\0C00000\0M".to_vec();
+    notice.extend_from_slice(&[b'n'; 4000]);
+    notice.extend_from_slice(b"\0\0");
+    // Notices after the login: the client keeps them until it is ready.
+    let (addr, peer) = hostile(vec![
+        Turn::Read,
+        Turn::Write(pg_msg(b'R', &0u32.to_be_bytes())),
+        Turn::Flood(pg_msg(b'N', &notice), FLOOD),
+    ])
+    .await;
+    assert_over_budget("notices", run(&pg_kind(), addr).await, peer).await;
+}
+
+#[tokio::test]
+async fn postgres_endless_parameters_hit_the_read_budget() {
+    let (addr, peer) = one(|mut s| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = s.read(&mut buf).await;
+        if s.write_all(&pg_msg(b'R', &0u32.to_be_bytes()))
+            .await
+            .is_err()
+        {
+            return (0, Vec::new());
+        }
+        // Every name new, so that a client keeping them keeps them all.
+        let mut sent = 0;
+        let mut i = 0u64;
+        while sent < FLOOD {
+            let mut body = format!("param_{i}\0").into_bytes();
+            body.extend_from_slice(&[b'v'; 4000]);
+            body.push(0);
+            let msg = pg_msg(b'S', &body);
+            if s.write_all(&msg).await.is_err() {
+                break;
+            }
+            sent += msg.len();
+            i += 1;
+        }
+        (sent, Vec::new())
+    })
+    .await;
+    assert_over_budget("parameters", run(&pg_kind(), addr).await, peer).await;
+}
+
+#[tokio::test]
+async fn mysql_endless_column_definitions_hit_the_read_budget() {
+    // 64 columns (the most the probe takes), each definition just under
+    // the 1 MiB packet limit: 64 MiB if read to the end.
+    let mut turns = vec![
+        Turn::Write(greeting(&NONCE, NATIVE)),
+        Turn::Read,
+        Turn::Write(ok_packet(2)),
+        Turn::Read,
+        Turn::Write(packet(1, &[64])),
+    ];
+    let def = vec![b'c'; 1000 * 1024];
+    for seq in 2..66u8 {
+        turns.push(Turn::Flood(packet(seq, &def), 1));
+    }
+    let (addr, peer) = hostile(turns).await;
+    let r = run(&CheckKind::Mysql(creds(Some("m"), None)), addr).await;
+    let err = r.expect_err("columns");
+    assert!(
+        err.to_string().contains("in one check"),
+        "want the read budget as the reason, got: {err}"
+    );
+    let (sent, _) = peer.await.expect("peer");
+    assert!(
+        sent < 64 * def.len(),
+        "the peer pushed all 64 column definitions"
+    );
+}
+
+#[tokio::test]
+async fn redis_oversized_role_reply_hits_the_read_budget() {
+    // A ROLE reply of 1.8 MB: each bulk string under the 1 MiB limit.
+    let big = vec![b'x'; 900_000];
+    let mut role = b"*3\r\n$6\r\nmaster\r\n".to_vec();
+    for _ in 0..2 {
+        role.extend_from_slice(format!("${}\r\n", big.len()).as_bytes());
+        role.extend_from_slice(&big);
+        role.extend_from_slice(b"\r\n");
+    }
+    let (addr, _) = scripted(vec![PONG.to_vec(), role]).await;
+    let err = run(&CheckKind::Redis(creds(None, None)), addr)
+        .await
+        .expect_err("a 1.8 MB ROLE reply is not a Redis server's");
+    assert!(
+        err.to_string().contains("in one check"),
+        "want the read budget as the reason, got: {err}"
+    );
+}
+
+/// A PostgreSQL peer that asks for a password with `auth` (an
+/// Authentication message body), then accepts whatever comes; returns what
+/// it read.
+async fn pg_asking(auth: Vec<u8>) -> (SocketAddr, JoinHandle<(usize, Vec<u8>)>) {
+    hostile(vec![
+        Turn::Read,
+        Turn::Write(pg_msg(b'R', &auth)),
+        Turn::Read,
+        Turn::Write(pg_login_ok()),
+        Turn::Read,
+        Turn::Write(pg_result("f")),
+    ])
+    .await
+}
+
+/// A PasswordMessage (`p`) in what a PostgreSQL server read.
+fn has_password_message(read: &[u8]) -> bool {
+    // The startup message comes first and has no tag; `p` then length.
+    read.windows(5)
+        .any(|w| w.first() == Some(&b'p') && w.get(1..3) == Some(&[0, 0]))
+}
+
+#[tokio::test]
+async fn postgres_never_sends_the_password_in_cleartext() {
+    let (addr, peer) = pg_asking(3u32.to_be_bytes().to_vec()).await;
+    let err = run(&pg_kind(), addr)
+        .await
+        .expect_err("cleartext is refused");
+    let (_, read) = peer.await.expect("peer");
+    assert!(
+        !read.windows(2).any(|w| w == b"pw"),
+        "the password went out: {}",
+        preview(&read)
+    );
+    assert!(!has_password_message(&read), "{}", preview(&read));
+    assert!(matches!(err, ProbeError::Auth(_)), "{err:?}");
+    assert!(err.to_string().contains("cleartext"), "{err}");
+    assert!(!err.to_string().contains("pw"), "{err}");
+}
+
+#[tokio::test]
+async fn postgres_refuses_md5_by_default() {
+    let mut md5 = 5u32.to_be_bytes().to_vec();
+    md5.extend_from_slice(b"salt");
+    let (addr, peer) = pg_asking(md5).await;
+    let err = run(&pg_kind(), addr).await.expect_err("md5 is refused");
+    let (_, read) = peer.await.expect("peer");
+    assert!(!has_password_message(&read), "{}", preview(&read));
+    assert!(matches!(err, ProbeError::Auth(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("MD5") && err.to_string().contains("allow_md5"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn mysql_never_answers_a_switch_to_a_cleartext_plugin() {
+    for plugin in ["mysql_clear_password", "dialog", "auth_gssapi_client", ""] {
+        let (addr, h) = mysql_server(b"0", Some(plugin)).await;
+        let err = run(&CheckKind::Mysql(creds(Some("m"), Some("pw"))), addr)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, ProbeError::Failed(_)), "{plugin}: {err:?}");
+        assert!(
+            err.to_string().contains("is not supported"),
+            "{plugin}: {err}"
+        );
+        // The server saw no answer to its switch: the probe hung up.
+        assert_eq!(
+            h.await.expect("server"),
+            ["user=m", "closed after switch"],
+            "{plugin}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_password_goes_only_to_a_peer_that_speaks_resp() {
+    // Something else at the address (a web server) must not receive the
+    // password, which AUTH sends in cleartext.
+    let (addr, peer) = hostile(vec![
+        Turn::Read,
+        Turn::Write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec()),
+    ])
+    .await;
+    let err = run(&CheckKind::Redis(creds(None, Some("s3cret"))), addr)
+        .await
+        .expect_err("not redis");
+    assert!(matches!(err, ProbeError::Protocol(_)), "{err:?}");
+    let (_, read) = peer.await.expect("peer");
+    assert!(
+        !read.windows(6).any(|w| w == b"s3cret"),
+        "the password went to a web server: {}",
+        preview(&read)
+    );
+}
+
+#[tokio::test]
+async fn a_peer_cannot_forge_log_lines_or_flood_the_log() {
+    let forged = format!(
+        "bad password\n[2026-01-01T00:00:00Z INFO  sluice::pool] pool app: backend 10.0.0.1:5432 is UP\x1b[0m{}",
+        "x".repeat(10_000)
+    );
+    let (addr, _) = scripted(vec![pg_error("28P01", &forged)]).await;
+    let pg = run(&pg_kind(), addr)
+        .await
+        .expect_err("refused")
+        .to_string();
+    let addr = blurt([greeting(&NONCE, NATIVE), err_packet(2, 1045, &forged)].concat()).await;
+    let my = run(&CheckKind::Mysql(creds(Some("m"), None)), addr)
+        .await
+        .expect_err("denied")
+        .to_string();
+    for message in [pg, my] {
+        assert!(
+            !message.chars().any(char::is_control),
+            "control characters reach the log: {message:?}"
+        );
+        assert!(message.contains("bad password\\n[2026"), "{message}");
+        assert!(message.chars().count() < 400, "{} chars", message.len());
+    }
+}
+
+#[tokio::test]
+async fn every_kind_reads_through_the_one_budget() {
+    let http_ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+    let cases: Vec<(CheckKind, Vec<Vec<u8>>)> = vec![
+        (
+            CheckKind::SendExpect(vec![
+                Step::Send(b"HI\r\n".to_vec()),
+                Step::Expect(pattern("^OK")),
+            ]),
+            vec![b"OK, and a long line after it\r\n".to_vec()],
+        ),
+        (CheckKind::Http(http("/")), vec![http_ok]),
+        (
+            CheckKind::Redis(creds(None, None)),
+            vec![PONG.to_vec(), ROLE_MASTER.to_vec()],
+        ),
+        (pg_kind(), vec![pg_login_ok(), pg_result("f")]),
+    ];
+    for (kind, replies) in cases {
+        // Each passes with the whole budget…
+        let (addr, _) = scripted(replies.clone()).await;
+        let budget = Budget::new(READ_BUDGET);
+        let r = probe_within(&kind, addr, "h", &budget).await;
+        assert!(r.is_ok(), "{}: {r:?}", kind.name());
+        assert!(
+            budget.used() > 16,
+            "{}: read {}",
+            kind.name(),
+            budget.used()
+        );
+        // …and fails, reading one byte past it, with 16 bytes.
+        let (addr, _) = scripted(replies).await;
+        let budget = Budget::new(16);
+        let err = probe_within(&kind, addr, "h", &budget)
+            .await
+            .expect_err("over budget");
+        assert!(
+            matches!(err, ProbeError::TooMuch(16)),
+            "{}: {err:?}",
+            kind.name()
+        );
+        assert_eq!(budget.used(), 17, "{}", kind.name());
+    }
+    // MySQL speaks first.
+    let reply = [greeting(&NONCE, NATIVE), ok_packet(2), result_set(b"0")].concat();
+    let budget = Budget::new(16);
+    let err = probe_within(
+        &CheckKind::Mysql(creds(Some("m"), None)),
+        blurt(reply).await,
+        "h",
+        &budget,
+    )
+    .await
+    .expect_err("over budget");
+    assert!(matches!(err, ProbeError::TooMuch(16)), "mysql: {err:?}");
+    assert_eq!(budget.used(), 17);
 }

@@ -149,6 +149,9 @@ pub struct PostgresCheck {
     pub credentials: Credentials,
     /// Database to connect to (`postgres` by default).
     pub database: String,
+    /// Whether to answer a server that asks for an MD5 password hash
+    /// (`allow_md5`, off by default). Cleartext is never answered.
+    pub allow_md5: bool,
 }
 
 /// A password: shown by no `Debug` or `Display`.
@@ -217,6 +220,7 @@ const KIND_KEYS: &[(&str, &[&str])] = &[
     ("password_env", &["redis", "mysql", "postgres"]),
     ("password_file", &["redis", "mysql", "postgres"]),
     ("database", &["postgres"]),
+    ("allow_md5", &["postgres"]),
     // Recognised only to say where a password belongs instead.
     ("password", &[]),
 ];
@@ -274,6 +278,10 @@ pub(super) fn decode_kind(d: &mut Decoder, f: &Fields<'_>) -> Option<CheckKind> 
             database: match f.get("database") {
                 Some(v) => non_empty(d, v, &f.path("database"))?.to_string(),
                 None => "postgres".to_string(),
+            },
+            allow_md5: match f.get("allow_md5") {
+                Some(v) => d.boolean(v, &f.path("allow_md5"))?,
+                None => false,
             },
         }),
         _ => CheckKind::Tcp,
