@@ -269,28 +269,23 @@ fn read_error(e: io::Error) -> ProbeError {
 /// Connect to `addr`, telling this process's own shortage apart from the
 /// backend's refusal; reads from the connection draw on `budget`.
 async fn connect(addr: SocketAddr, budget: &Budget) -> Result<Metered<TcpStream>, ProbeError> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| {
-        if is_local_error(&e) {
+    let classify = |e: std::io::Error| {
+        if crate::sys::is_local_exhaustion(&e) {
             ProbeError::Local(e)
         } else {
             ProbeError::Connect(e)
         }
-    })?;
-    // Requests are small and written whole; do not wait on Nagle.
-    let _ = stream.set_nodelay(true);
+    };
+    // The data path's connect (non-blocking, close-on-exec, no Nagle: requests
+    // are small and written whole), handed to tokio's stream type.
+    let socket = crate::relay::socket::connect(addr)
+        .await
+        .map_err(classify)?;
+    let stream = TcpStream::from_std(socket.into_inner()).map_err(classify)?;
     Ok(Metered {
         inner: stream,
         budget: budget.clone(),
     })
-}
-
-/// Whether `e` is this process running out of descriptors or buffers.
-fn is_local_error(e: &io::Error) -> bool {
-    use nix::errno::Errno;
-    matches!(
-        e.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
-    )
 }
 
 /// Read once from `stream`, appending to `buf` but never past `cap` bytes.

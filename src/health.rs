@@ -38,6 +38,7 @@ use crate::check::{self, Role};
 use crate::config::CheckKind;
 use crate::listener::LogLimiter;
 use crate::pool::{Backend, Pool};
+use crate::sys::lock;
 
 /// Why one check failed.
 #[derive(Debug, thiserror::Error)]
@@ -250,10 +251,6 @@ fn ticker_after(period: Duration) -> tokio::time::Interval {
     ticker(period, start)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[async_trait]
 impl BackgroundService for HealthService {
     async fn start_with_ready_notifier(
@@ -329,14 +326,11 @@ async fn check(
 /// A check error from a pingora connect error.
 fn classify(e: &pingora::Error, timeout: Duration) -> CheckError {
     use pingora::ErrorType::*;
-    let os = e
+    let local = e
         .root_cause()
         .downcast_ref::<std::io::Error>()
-        .and_then(std::io::Error::raw_os_error);
-    if matches!(
-        os,
-        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
-    ) {
+        .is_some_and(crate::sys::is_local_exhaustion);
+    if local {
         return CheckError::Local(e.to_string());
     }
     match e.etype() {

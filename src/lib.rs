@@ -19,6 +19,7 @@
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/api/v1/pools` |
 //! | [`lifecycle`] | signals, draining on shutdown |
 //! | [`state`] | what admin, signals and reloads share; readiness |
+//! | [`sys`] | the lock policy, telling local exhaustion from a peer's failure, the fd limit |
 //! | [`reload`] | applying a new configuration in place |
 
 pub mod admin;
@@ -36,4 +37,5 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod sys;
 pub mod traffic;

@@ -58,7 +58,7 @@ impl Signals {
         let state = Arc::clone(&self.state);
         let path = self.handover.clone();
         let blocking = tokio::task::spawn_blocking(move || {
-            let _no_reload = state.config.lock().unwrap_or_else(|p| p.into_inner());
+            let _no_reload = crate::sys::lock(&state.config);
             let sent = state.traffic.hand_over(&path)?;
             state.begin_drain();
             Ok(sent)

@@ -229,13 +229,6 @@ fn ip_key(addr: SocketAddr) -> Vec<u8> {
     }
 }
 
-fn is_local_resource_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
-    )
-}
-
 impl ListenerApp {
     /// Serve the listener `settings` from `pool`. `active` counts its
     /// clients and outlives reloads.
@@ -492,7 +485,7 @@ impl ListenerApp {
                         _into_sluice: registration,
                     });
                 }
-                Err((_, e)) if is_local_resource_error(&e) => {
+                Err((_, e)) if crate::sys::is_local_exhaustion(&e) => {
                     // Says nothing about the backend, and every other would fail alike.
                     return Err(Refusal::OutOfFds);
                 }

@@ -61,7 +61,7 @@ pub fn hops_of(ends: impl FnOnce() -> Option<(SocketAddr, SocketAddr)>) -> u8 {
     if !(peer.ip().is_loopback() || peer.ip() == local.ip()) {
         return 0;
     }
-    crate::pool::lock(&HOPS)
+    crate::sys::lock(&HOPS)
         .get(&peer.port())
         .copied()
         .unwrap_or(0)
@@ -73,14 +73,14 @@ pub struct Registration(u16);
 /// Register a backend connection from local `port` into sluice, `hops`
 /// deep, before it connects (so its peer can never be accepted first).
 pub fn register(port: u16, hops: u8) -> Registration {
-    crate::pool::lock(&HOPS).insert(port, hops);
+    crate::sys::lock(&HOPS).insert(port, hops);
     REGISTERED.fetch_add(1, Relaxed);
     Registration(port)
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        crate::pool::lock(&HOPS).remove(&self.0);
+        crate::sys::lock(&HOPS).remove(&self.0);
         REGISTERED.fetch_sub(1, Relaxed);
     }
 }

@@ -30,7 +30,7 @@ mod proptests;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -39,6 +39,7 @@ use tokio::sync::{Notify, watch};
 use crate::check::Role;
 use crate::config::{HostPort, Mode, PoolSettings, RoleRequirement};
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics};
+use crate::sys::lock;
 pub use core::{CloseCause, Health, Key, MoveError};
 use core::{Effect, Event, Spec};
 use roles::RoleBook;
@@ -63,12 +64,6 @@ fn role_code(role: Option<Role>) -> u8 {
         Some(Role::Replica) => ROLE_REPLICA,
         None => ROLE_UNKNOWN,
     }
-}
-
-/// Ignore lock poisoning: every value behind a lock here stays consistent
-/// between statements, so a panic elsewhere cannot leave it half-written.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A backend, kept across reloads while its address stays in the pool.

@@ -155,7 +155,7 @@ impl State {
     /// The running configuration stays in force when this fails. A shutdown
     /// that begins while the file is read wins: nothing is applied.
     pub fn reload(&self) -> Result<Summary, ReloadError> {
-        let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = crate::sys::lock(&self.config);
         let result = if self.is_draining() {
             Err(ReloadError::Draining)
         } else {

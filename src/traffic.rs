@@ -39,6 +39,7 @@ use crate::listener::{ListenerApp, LogLimiter, OpenConnections};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::relay::socket;
+use crate::sys::{fd_limit, is_local_exhaustion, lock};
 
 /// Accepts per readiness event before other tasks get a turn.
 const ACCEPT_BATCH: usize = 64;
@@ -106,17 +107,6 @@ pub struct Prepared {
 
 /// The pingora service that hosts [`Traffic`].
 pub struct TrafficService(pub Arc<Traffic>);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn is_out_of_fds(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
-    )
-}
 
 impl Traffic {
     /// Listeners to open when the service starts.
@@ -467,7 +457,7 @@ impl Traffic {
                                 let admitted = self.open.admit();
                                 tokio::spawn(async move { app.serve_accepted(client, admitted).await });
                             }
-                            Ok(Err(e)) if is_out_of_fds(&e) => {
+                            Ok(Err(e)) if is_local_exhaustion(&e) => {
                                 if !self.refuse_one(&listener, &app.load()) {
                                     // Not even a refusal is possible: wait for
                                     // descriptors to free up, then try again.
@@ -537,17 +527,6 @@ pub fn probe_bind(addr: SocketAddr) -> io::Result<()> {
 /// Wait until the flag is set (or its sender is gone).
 async fn raised(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
-}
-
-/// The process's open-file limit, for log lines. A system call rather than
-/// `/proc/self/limits`: this is asked when no descriptor is left to open it.
-fn fd_limit() -> String {
-    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, _)) if soft == RLIM_INFINITY => "unlimited".to_string(),
-        Ok((soft, _)) => soft.to_string(),
-        Err(_) => "?".to_string(),
-    }
 }
 
 #[async_trait]

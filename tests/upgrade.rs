@@ -426,3 +426,40 @@ async fn an_upgrade_closes_the_sockets_the_new_configuration_drops() {
         "{refused}"
     );
 }
+
+/// Issue 9's signal class: SIGTERM to the old process while a new one
+/// waits for the sockets drains and exits within grace_period +
+/// shutdown_timeout; the new one, handed nothing, gives up and exits
+/// rather than hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_upgrade_drains_the_old_process_and_frees_the_new_one() {
+    let a = Backend::start("a", Behavior::Name).await;
+    let front = reserve_port();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let yaml = format!(
+        "server: {{ upgrade_sock: '{}', grace_period: 1s, shutdown_timeout: 2s }}\n{}",
+        sock.display(),
+        front_to_app(front, "", &format!("backends: ['{}']", a.addr))
+    );
+    let old = Sluice::start(&yaml).await;
+    let new = old.spawn_next(&["-u"]);
+    wait_until("the new process waits on the upgrade socket", || async {
+        sock.exists()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    old.signal(Signal::SIGTERM);
+    let status = old.wait_exit(DEADLINE).await;
+    assert!(status.success(), "old process: {status:?}");
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3 + 5),
+        "the old process drained in {took:?}"
+    );
+    let status = new.wait_exit(DEADLINE).await;
+    assert!(
+        !status.success(),
+        "the new process got no sockets: {status:?}"
+    );
+}

@@ -164,13 +164,13 @@ fn local_errors_are_told_apart() {
         nix::libc::ENOMEM,
     ] {
         assert!(
-            is_local_error(&io::Error::from_raw_os_error(errno)),
+            crate::sys::is_local_exhaustion(&io::Error::from_raw_os_error(errno)),
             "{errno}"
         );
     }
-    assert!(!is_local_error(&io::Error::from_raw_os_error(
-        nix::libc::ECONNREFUSED
-    )));
+    assert!(!crate::sys::is_local_exhaustion(
+        &io::Error::from_raw_os_error(nix::libc::ECONNREFUSED)
+    ));
     assert!(ProbeError::Local(io::Error::from_raw_os_error(nix::libc::EMFILE)).is_local());
     assert!(!ProbeError::Failed("x".into()).is_local());
 }

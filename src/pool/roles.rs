@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::check::Role;
+use crate::sys::lock;
 
 use super::Pool;
 use super::core::Key;
@@ -92,10 +93,6 @@ impl RoleRecord {
             false
         }
     }
-}
-
-fn lock(m: &Mutex<Book>) -> std::sync::MutexGuard<'_, Book> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl RoleBook {

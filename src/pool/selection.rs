@@ -36,7 +36,7 @@ struct Discovery(Arc<Membership>);
 #[async_trait]
 impl ServiceDiscovery for Discovery {
     async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let set = self.0.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let set = crate::sys::lock(&self.0.0).clone();
         Ok(((*set).clone(), HashMap::new()))
     }
 }
@@ -96,7 +96,7 @@ impl Selector {
             })
             .collect();
         self.size.store(set.len(), Relaxed);
-        *self.membership.0.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        *crate::sys::lock(&self.membership.0) = Arc::new(set);
         // Our discovery never waits, so the update completes in one poll.
         let done = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.update().now_or_never(),

@@ -507,3 +507,24 @@ fn a_read_pool_reports_a_conflict_only_while_it_falls_back() {
     assert_eq!(serving(&p), [2]);
     assert_eq!(p.conflicts(), 0, "the gauge does not stay stale");
 }
+
+/// A session subscribes to its backend's closing before it connects: a
+/// close decided while the connect is still under way reaches it once the
+/// connect completes.
+#[test]
+fn a_close_decided_during_the_connect_still_reaches_the_session() {
+    let p = role_pool("    role: primary", 2);
+    report(&p, 0, Role::Primary);
+    report(&p, 1, Role::Replica);
+    let old = p.backend(0);
+    // The listener subscribes, then starts connecting to the primary...
+    let closing = old.watch_closing();
+    // ...meanwhile the primary steps down and the other is promoted...
+    report(&p, 0, Role::Replica);
+    report(&p, 1, Role::Primary);
+    report(&p, 1, Role::Primary);
+    assert_eq!(serving(&p), [1]);
+    // ...and the connect completes: the session sees the close at once.
+    assert!(closing.has_changed().unwrap(), "the close was not missed");
+    assert_eq!(*closing.borrow(), Some(CloseCause::PrimaryMoved));
+}
