@@ -1,4 +1,5 @@
-//! The admin HTTP listener: metrics, liveness, readiness and the pools API.
+//! The admin HTTP listener: metrics, liveness, readiness, the pools API and
+//! the endpoints that change things, behind a token.
 //!
 //! | request | answer |
 //! | --- | --- |
@@ -9,42 +10,240 @@
 //! | `POST /api/v1/pools/{pool}/active?backend=ADDR` | make ADDR the active backend of a `failback: manual` pool |
 //! | `POST /api/v1/reload` | re-read the configuration file (like SIGHUP); 200 with a summary, or 422 with every problem |
 //!
-//! It is served by pingora's HTTP server on its own single-threaded service.
+//! Who may do what ([`Access`]): a `POST` needs `Authorization: Bearer
+//! <admin token>`; without a token configured, it is allowed only when the
+//! admin listener is bound to loopback. Reads need the token too with
+//! `protect_reads`. Requests a web page could make on someone's behalf are
+//! refused: a `Host` that is neither an IP address, `localhost` nor one of
+//! `admin.hosts` (DNS rebinding), a cross-origin `Origin`, and the form
+//! content types a page may `POST` without asking. [`server`] is the
+//! bounded HTTP server that carries it.
 
+pub mod server;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
-use pingora::apps::http_app::ServeHttp;
-use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
 
+use crate::config::edge::AdminAccess;
 use crate::metrics;
 use crate::pool::{Health, MoveError, Pool};
 use crate::state::State;
 
 /// How long `POST /api/v1/reload` waits for the reload it asked for.
-const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const RELOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// Reloads asked for over the API: a token bucket of this many...
+const RELOAD_BURST: f64 = 10.0;
+/// ...refilled at this many a second. Each reload reads and parses the
+/// file; a flood of requests must not turn into a flood of reloads.
+const RELOAD_RATE: f64 = 2.0;
+
+/// One request, as far as the admin API reads it.
+#[derive(Debug, Default)]
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// The path, without the query.
+    pub path: String,
+    /// The query, if any.
+    pub query: Option<String>,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `Host` header.
+    pub host: Option<String>,
+    /// The `Origin` header.
+    pub origin: Option<String>,
+    /// The `Content-Type` header.
+    pub content_type: Option<String>,
+}
+
+/// Who may use the admin API, from `admin` in the configuration and the
+/// address it is bound to.
+pub struct Access {
+    token: Option<Vec<u8>>,
+    protect_reads: bool,
+    hosts: Vec<String>,
+    loopback: bool,
+}
+
+impl Access {
+    /// The rules of `access` for a listener on `bind`.
+    pub fn new(access: &AdminAccess, bind: SocketAddr) -> Access {
+        Access {
+            token: access
+                .token
+                .as_ref()
+                .map(|t| t.expose().as_bytes().to_vec()),
+            protect_reads: access.protect_reads,
+            hosts: access.hosts.clone(),
+            loopback: bind.ip().is_loopback(),
+        }
+    }
+
+    /// What start-up should say about it, if anything.
+    pub fn warning(&self, bind: SocketAddr) -> Option<String> {
+        (self.token.is_none() && !self.loopback).then(|| {
+            format!(
+                "admin listener on {bind} has no token (admin.token_file or admin.token_env): \
+                 reload and pool moves are refused; reads are open to anyone who can reach it"
+            )
+        })
+    }
+
+    fn token_matches(&self, authorization: Option<&str>) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let given = authorization
+            .and_then(|a| {
+                a.strip_prefix("Bearer ")
+                    .or_else(|| a.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .unwrap_or("");
+        // Constant time: how much of a guess matched must not show in timing.
+        bool::from(given.as_bytes().ct_eq(token))
+    }
+
+    /// Whether `host` (a `Host` header) names this listener: an IP literal,
+    /// `localhost`, or a configured name, with any port.
+    fn host_allowed(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => rest.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h),
+        };
+        name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || self.hosts.iter().any(|h| h == name)
+    }
+
+    /// Refuse `req` with a response, or let it through.
+    fn check(&self, req: &Request, mutating: bool) -> Result<(), Box<Response<Vec<u8>>>> {
+        if let Some(host) = &req.host {
+            if !self.host_allowed(host) {
+                return Err(Box::new(json_error(
+                    StatusCode::FORBIDDEN,
+                    "Host is not this admin listener's (an IP address, localhost, or admin.hosts)",
+                )));
+            }
+        }
+        if mutating {
+            if let (Some(origin), Some(host)) = (&req.origin, &req.host) {
+                let origin_host = origin
+                    .split_once("://")
+                    .map_or(origin.as_str(), |(_, rest)| rest)
+                    .trim_end_matches('/');
+                if !origin_host.eq_ignore_ascii_case(host.trim()) {
+                    return Err(Box::new(json_error(
+                        StatusCode::FORBIDDEN,
+                        "cross-origin requests are refused",
+                    )));
+                }
+            }
+            if let Some(ct) = &req.content_type {
+                let ct = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if matches!(
+                    ct.as_str(),
+                    "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+                ) {
+                    return Err(Box::new(json_error(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "form content types are refused (a web page could send them); send no body",
+                    )));
+                }
+            }
+        }
+        let needs_token = mutating || self.protect_reads;
+        if !needs_token {
+            return Ok(());
+        }
+        if self.token.is_none() {
+            // Only reachable with a mutating request (protect_reads needs a token).
+            if self.loopback {
+                return Ok(());
+            }
+            return Err(Box::new(json_error(
+                StatusCode::FORBIDDEN,
+                "this endpoint needs admin.token_file (or token_env) when the admin listener is not bound to loopback",
+            )));
+        }
+        if self.token_matches(req.authorization.as_deref()) {
+            return Ok(());
+        }
+        let mut r = json_error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"sluice admin\""),
+        );
+        Err(Box::new(r))
+    }
+}
 
 /// The admin application.
 pub struct AdminApp {
     state: Arc<State>,
+    access: Access,
+    /// Reload tokens left and when they were counted.
+    reload_tokens: Mutex<(f64, Instant)>,
+}
+
+/// The `endpoint` label of `sluice_admin_requests_total`: a fixed set.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/metrics" => "/metrics",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/api/v1/pools" => "/api/v1/pools",
+        "/api/v1/reload" => "/api/v1/reload",
+        p if p.starts_with("/api/v1/pools/") && p.ends_with("/active") => {
+            "/api/v1/pools/{pool}/active"
+        }
+        _ => "other",
+    }
 }
 
 impl AdminApp {
-    /// Serve the process's `state`.
-    pub fn new(state: Arc<State>) -> Self {
-        AdminApp { state }
+    /// Serve the process's `state` under `access`.
+    pub fn new(state: Arc<State>, access: Access) -> Self {
+        AdminApp {
+            state,
+            access,
+            reload_tokens: Mutex::new((RELOAD_BURST, Instant::now())),
+        }
     }
 
-    /// Answer one request.
-    pub async fn handle(
-        &self,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-    ) -> Response<Vec<u8>> {
+    /// Answer one request (and count it).
+    pub async fn handle(&self, req: &Request) -> Response<Vec<u8>> {
+        let response = self.route(req).await;
+        self.state
+            .metrics
+            .admin_request(endpoint_label(&req.path), response.status().as_u16());
+        response
+    }
+
+    async fn route(&self, req: &Request) -> Response<Vec<u8>> {
+        let method = &req.method;
+        let path = req.path.as_str();
         let get = method == Method::GET || method == Method::HEAD;
+        let post = method == Method::POST;
+        if get || post {
+            if let Err(refused) = self.access.check(req, post) {
+                return *refused;
+            }
+        }
         match path {
             "/metrics" if get => reply(
                 StatusCode::OK,
@@ -60,14 +259,14 @@ impl AdminApp {
                 ),
             },
             "/api/v1/pools" if get => json_reply(StatusCode::OK, &self.pools_json()),
-            "/api/v1/reload" if method == Method::POST => self.reload().await,
+            "/api/v1/reload" if post => self.reload().await,
             "/api/v1/reload" => method_not_allowed("POST"),
             "/metrics" | "/healthz" | "/readyz" | "/api/v1/pools" => method_not_allowed("GET"),
             _ => match path
                 .strip_prefix("/api/v1/pools/")
                 .and_then(|r| r.strip_suffix("/active"))
             {
-                Some(pool) if method == Method::POST => self.make_active(pool, query),
+                Some(pool) if post => self.make_active(pool, req.query.as_deref()),
                 Some(_) => method_not_allowed("POST"),
                 None => text(StatusCode::NOT_FOUND, "not found\n"),
             },
@@ -97,6 +296,24 @@ impl AdminApp {
     }
 
     async fn reload(&self) -> Response<Vec<u8>> {
+        {
+            let mut bucket = crate::sys::lock(&self.reload_tokens);
+            let now = Instant::now();
+            let refill = now.saturating_duration_since(bucket.1).as_secs_f64() * RELOAD_RATE;
+            *bucket = ((bucket.0 + refill).min(RELOAD_BURST), now);
+            if bucket.0 < 1.0 {
+                let mut r = json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many reloads asked for; try again in a second",
+                );
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                return r;
+            }
+            bucket.0 -= 1.0;
+        }
         let outcome = match tokio::time::timeout(RELOAD_WAIT, self.state.request_reload()).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(crate::reload::ReloadError::Unavailable),
@@ -236,15 +453,6 @@ fn method_not_allowed(allow: &str) -> Response<Vec<u8>> {
         r.headers_mut().insert(http::header::ALLOW, v);
     }
     r
-}
-
-#[async_trait]
-impl ServeHttp for AdminApp {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let req = session.req_header();
-        let (method, uri) = (req.method.clone(), req.uri.clone());
-        self.handle(&method, uri.path(), uri.query()).await
-    }
 }
 
 #[cfg(test)]

@@ -157,11 +157,14 @@ const PREVIEW_LEN: usize = 80;
 /// Most characters of an error message (server messages included).
 const MESSAGE_LEN: usize = 300;
 
-/// What one check may read: shared by all its connections.
+/// What one check may read, shared by all its connections, and what each
+/// of them writes before anything else (a PROXY protocol header, for a
+/// pool whose backends expect one).
 #[derive(Clone, Debug)]
 pub struct Budget {
     limit: usize,
     used: Arc<AtomicUsize>,
+    preamble: Option<Arc<[u8]>>,
 }
 
 impl Budget {
@@ -170,7 +173,14 @@ impl Budget {
         Budget {
             limit,
             used: Arc::new(AtomicUsize::new(0)),
+            preamble: None,
         }
+    }
+
+    /// The same budget, and `bytes` written first on every connection.
+    pub fn with_preamble(mut self, bytes: Vec<u8>) -> Budget {
+        self.preamble = Some(bytes.into());
+        self
     }
 
     /// Bytes read from the peer so far: at most the limit, plus the one
@@ -281,7 +291,12 @@ async fn connect(addr: SocketAddr, budget: &Budget) -> Result<Metered<TcpStream>
     let socket = crate::relay::socket::connect(addr)
         .await
         .map_err(classify)?;
-    let stream = TcpStream::from_std(socket.into_inner()).map_err(classify)?;
+    let mut stream = TcpStream::from_std(socket.into_inner()).map_err(classify)?;
+    if let Some(preamble) = &budget.preamble {
+        tokio::io::AsyncWriteExt::write_all(&mut stream, preamble)
+            .await
+            .map_err(ProbeError::Io)?;
+    }
     Ok(Metered {
         inner: stream,
         budget: budget.clone(),

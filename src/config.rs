@@ -8,6 +8,7 @@
 mod binds;
 pub mod check;
 mod decode;
+pub mod edge;
 mod locate;
 mod read;
 
@@ -129,6 +130,8 @@ pub struct ServerSettings {
 pub struct AdminSettings {
     /// Address of the admin HTTP listener.
     pub bind: SocketAddr,
+    /// Who may use it: the token and the host names it answers to.
+    pub access: edge::AdminAccess,
 }
 
 /// One entry of `listeners`.
@@ -146,6 +149,14 @@ pub struct ListenerSettings {
     pub idle_timeout: Option<Duration>,
     /// Relay plain TCP with `splice(2)` (zero-copy) rather than through buffers.
     pub splice: bool,
+    /// Only these sources may connect (`None`: any not denied).
+    pub allow: Option<Vec<ipnet::IpNet>>,
+    /// These sources may not connect; wins over `allow`.
+    pub deny: Vec<ipnet::IpNet>,
+    /// Limits per client address.
+    pub per_source: Option<edge::PerSource>,
+    /// PROXY protocol headers required from trusted proxies.
+    pub proxy_protocol: Option<edge::ProxyAccept>,
 }
 
 /// How a pool spreads connections over its backends.
@@ -226,6 +237,9 @@ pub struct PoolSettings {
     /// How long a backend that claimed primary while another held the
     /// writes must be the only claimant before it gets them.
     pub primary_hold: Duration,
+    /// Write a PROXY protocol header with the client's address to each
+    /// backend connection first.
+    pub proxy_protocol: Option<edge::ProxyVersion>,
     /// Backends in priority order.
     pub backends: Vec<BackendSettings>,
 }
@@ -734,13 +748,18 @@ fn decode_server(d: &mut Decoder, v: &Value) -> Option<ServerSettings> {
 }
 
 fn decode_admin(d: &mut Decoder, v: &Value) -> Option<AdminSettings> {
-    let f = d.mapping(v, "admin", &["bind"])?;
+    let f = d.mapping(
+        v,
+        "admin",
+        &["bind", "token_file", "token_env", "protect_reads", "hosts"],
+    )?;
+    let access = edge::admin_access(d, &f);
     let Some(bind) = f.get("bind") else {
         d.problem(f.path("bind"), "is required");
         return None;
     };
     let bind = decode_bind_addr(d, bind, &f.path("bind"))?;
-    Some(AdminSettings { bind })
+    Some(AdminSettings { bind, access })
 }
 
 fn decode_bind_addr(d: &mut Decoder, v: &Value, path: &str) -> Option<SocketAddr> {
@@ -771,7 +790,17 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
     let f = d.mapping(
         v,
         path,
-        &["bind", "pool", "max_connections", "idle_timeout", "splice"],
+        &[
+            "bind",
+            "pool",
+            "max_connections",
+            "idle_timeout",
+            "splice",
+            "allow",
+            "deny",
+            "per_source",
+            "proxy_protocol",
+        ],
     )?;
 
     let mut bind = Vec::new();
@@ -818,6 +847,25 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         .get("splice")
         .and_then(|v| d.boolean(v, &f.path("splice")))
         .unwrap_or(true);
+    let allow = f
+        .get("allow")
+        .and_then(|v| edge::prefixes(d, v, &f.path("allow")));
+    if allow.as_ref().is_some_and(Vec::is_empty) {
+        d.problem(
+            f.path("allow"),
+            "is empty, which would refuse everyone; remove the key to allow all",
+        );
+    }
+    let deny = f
+        .get("deny")
+        .and_then(|v| edge::prefixes(d, v, &f.path("deny")))
+        .unwrap_or_default();
+    let per_source = f
+        .get("per_source")
+        .and_then(|v| edge::per_source(d, v, &f.path("per_source")));
+    let proxy_protocol = f
+        .get("proxy_protocol")
+        .and_then(|v| edge::proxy_accept(d, v, &f.path("proxy_protocol")));
 
     if bind.is_empty() {
         return None;
@@ -829,6 +877,10 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         max_connections,
         idle_timeout,
         splice,
+        allow,
+        deny,
+        per_source,
+        proxy_protocol,
     })
 }
 
@@ -848,6 +900,7 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "role",
             "fallback_to_primary",
             "primary_hold",
+            "proxy_protocol",
             "backends",
         ],
     )?;
@@ -993,6 +1046,9 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         }
     }
 
+    let proxy_protocol = f
+        .get("proxy_protocol")
+        .and_then(|v| edge::proxy_send(d, v, &f.path("proxy_protocol")));
     let health_check = health_check.unwrap_or_default();
     let primary_hold = primary_hold_set
         .flatten()
@@ -1011,6 +1067,7 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         role,
         fallback_to_primary,
         primary_hold,
+        proxy_protocol,
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
     })
 }

@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::check::{self, Role};
 use crate::config::CheckKind;
+use crate::config::edge::ProxyVersion;
 use crate::listener::LogLimiter;
 use crate::pool::{Backend, Pool};
 use crate::sys::lock;
@@ -213,7 +214,13 @@ impl HealthChecks {
                 .iter()
                 .map(|m| {
                     let kind = &hc.kind;
-                    async move { (&m.backend, check(&m.backend, kind, probe, hc.timeout).await) }
+                    let proxy = generation.settings.proxy_protocol;
+                    async move {
+                        (
+                            &m.backend,
+                            check(&m.backend, kind, probe, hc.timeout, proxy).await,
+                        )
+                    }
                 })
                 .collect();
             while let Some((backend, result)) = checks.next().await {
@@ -294,11 +301,19 @@ async fn check(
     kind: &CheckKind,
     tcp: &(dyn HealthCheck + Send + Sync),
     timeout: Duration,
+    proxy: Option<ProxyVersion>,
 ) -> Result<(SocketAddr, Option<Role>), CheckError> {
     let attempt = async {
         let addr = resolve(b).await?;
-        if *kind != CheckKind::Tcp {
-            return match check::probe(kind, addr, b.address.host()).await {
+        // Backends that expect a PROXY header get one on checks too: v2
+        // LOCAL or v1 UNKNOWN, so they neither log a broken header nor count
+        // the check as a client (pingora's TCP check cannot send it).
+        if *kind != CheckKind::Tcp || proxy.is_some() {
+            let mut budget = check::Budget::new(check::READ_BUDGET);
+            if let Some(version) = proxy {
+                budget = budget.with_preamble(crate::edge::proxy::check_header(version));
+            }
+            return match check::probe_within(kind, addr, b.address.host(), &budget).await {
                 Ok(role) => Ok((addr, role)),
                 Err(e) if e.is_local() => Err(CheckError::Local(e.to_string())),
                 Err(e) => Err(CheckError::Probe(format!("{} check: {e}", kind.name()))),

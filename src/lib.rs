@@ -5,6 +5,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`cli`] | flags, `-t`, start-up |
+//! | [`edge`] | before a backend is picked: source allow/deny, per-source limits, the PROXY protocol |
 //! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
 //! | [`server`] | turning a config into pingora services and running them |
 //! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals |
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod handover;
 pub mod health;
 pub mod lifecycle;

@@ -9,7 +9,7 @@
 //! logged without flooding.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -19,6 +19,10 @@ use prometheus::IntGauge;
 use tokio::sync::watch;
 
 use crate::config::ListenerSettings;
+use crate::config::edge::{PerSource, ProxyVersion};
+use crate::edge::acl::{Acl, Prefixes};
+use crate::edge::limits::{self, SourceLimiter, SourceSlot};
+use crate::edge::proxy;
 use crate::loops;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
 use crate::pool::{Backend, CloseCause, Member, Pool};
@@ -101,10 +105,56 @@ impl Drop for Admitted {
     }
 }
 
+/// The edge rules of one listener: who may connect, how much, and who
+/// must send a PROXY protocol header.
+struct EdgeRules {
+    acl: Option<Acl>,
+    per_source: Option<PerSource>,
+    /// Kept across reloads with the listener.
+    limiter: Arc<SourceLimiter>,
+    /// Accepted header version (`None`: either) and the trusted proxies.
+    proxy: Option<(Option<ProxyVersion>, Prefixes)>,
+}
+
+impl EdgeRules {
+    fn of(settings: &ListenerSettings, limiter: Arc<SourceLimiter>) -> Option<EdgeRules> {
+        let acl = Acl::new(settings.allow.as_deref(), &settings.deny);
+        let proxy = settings
+            .proxy_protocol
+            .as_ref()
+            .map(|p| (p.version, Prefixes::new(&p.from)));
+        (acl.is_some() || settings.per_source.is_some() || proxy.is_some()).then(|| EdgeRules {
+            acl,
+            per_source: settings.per_source.clone(),
+            limiter,
+            proxy,
+        })
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.proxy.as_ref().is_some_and(|(_, from)| from.covers(ip))
+    }
+}
+
+/// What the accept loop learned about a client before its task runs.
+#[derive(Default)]
+pub struct Entry {
+    /// The client's address, when an edge rule needed it.
+    peer: Option<SocketAddr>,
+    /// A trusted proxy: its PROXY header comes first.
+    needs_header: bool,
+    /// The client's place in its address's connection count.
+    slot: Option<SourceSlot>,
+}
+
+/// How long a trusted proxy has to send its PROXY protocol header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the clients of one listener.
 pub struct ListenerApp {
     name: String,
     pool: Arc<Pool>,
+    edge: Option<EdgeRules>,
     max_connections: Option<usize>,
     /// Clients being served, kept across reloads (`max_connections` reads it).
     active: Arc<AtomicI64>,
@@ -113,6 +163,7 @@ pub struct ListenerApp {
     no_backend_log: LogLimiter,
     limit_log: LogLimiter,
     loop_log: LogLimiter,
+    edge_log: LogLimiter,
 }
 
 /// Counts a client in the listener's count and gauge until dropped.
@@ -195,6 +246,14 @@ enum Refusal {
     NoBackend,
     /// The client is sluice itself, too many hops deep.
     Loop,
+    /// The source address is not allowed.
+    Acl,
+    /// The source address has `per_source.max_connections` open.
+    SourceLimit,
+    /// The source address opens connections faster than `per_source.rate`.
+    SourceRate,
+    /// A missing, malformed or forged PROXY protocol header.
+    ProxyProtocol(String),
     /// This process is out of file descriptors.
     OutOfFds,
 }
@@ -207,6 +266,21 @@ struct Connected {
     closing: Option<watch::Receiver<Option<CloseCause>>>,
     /// Registered while it lives when it leads back into sluice.
     _into_sluice: Option<loops::Registration>,
+}
+
+/// Write `bytes` whole to a just-connected socket (a PROXY header: its
+/// send buffer is empty, so this takes one write).
+async fn write_all(socket: &Socket, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let mut guard = socket.writable().await?;
+        match guard.try_io(|s| io::Write::write(&mut s.get_ref(), bytes)) {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => bytes = &bytes[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
 }
 
 /// The longest time after a connect in which a backend closing a session
@@ -237,11 +311,13 @@ impl ListenerApp {
         pool: Arc<Pool>,
         metrics: ListenerMetrics,
         active: Arc<AtomicI64>,
+        limiter: Arc<SourceLimiter>,
     ) -> Self {
         let connect_timeout = pool.generation().settings.connect_timeout;
         ListenerApp {
             name: settings.name.clone(),
             pool,
+            edge: EdgeRules::of(settings, limiter),
             max_connections: settings.max_connections,
             active,
             relay: relay::Options {
@@ -253,6 +329,7 @@ impl ListenerApp {
             no_backend_log: LogLimiter::new(),
             limit_log: LogLimiter::new(),
             loop_log: LogLimiter::new(),
+            edge_log: LogLimiter::new(),
         }
     }
 
@@ -272,15 +349,133 @@ impl ListenerApp {
         self.metrics.rejected_fd_limit.inc();
     }
 
-    /// Serve a client the listener just accepted.
-    pub async fn serve_accepted(self: Arc<Self>, client: Socket, _admitted: Admitted) {
+    /// Screen a client the moment it is accepted, before its task exists:
+    /// the source rules, unless it is a trusted proxy whose header must be
+    /// read first. `None`: refused, counted, and closed when dropped.
+    pub fn screen(&self, client: &Socket) -> Option<Entry> {
+        let Some(edge) = &self.edge else {
+            return Some(Entry::default());
+        };
+        let Ok(peer) = client.get_ref().peer_addr() else {
+            // Gone already (reset before it was looked at).
+            self.metrics.connections.inc();
+            return None;
+        };
+        if edge.trusts(peer.ip()) {
+            return Some(Entry {
+                peer: Some(peer),
+                needs_header: true,
+                slot: None,
+            });
+        }
+        let refusal = if edge.proxy.is_some() && proxy::peek_for_header(client) {
+            // Anyone else's header would forge a client address.
+            Err(Refusal::ProxyProtocol(format!(
+                "{peer} sent a PROXY protocol header but is not a trusted proxy"
+            )))
+        } else {
+            self.admit_source(edge, peer)
+        };
+        match refusal {
+            Ok(slot) => Some(Entry {
+                peer: Some(peer),
+                needs_header: false,
+                slot,
+            }),
+            Err(refusal) => {
+                self.metrics.connections.inc();
+                self.refuse(refusal);
+                None
+            }
+        }
+    }
+
+    /// The source rules for a client from `addr`.
+    fn admit_source(
+        &self,
+        edge: &EdgeRules,
+        addr: SocketAddr,
+    ) -> Result<Option<SourceSlot>, Refusal> {
+        if edge.acl.as_ref().is_some_and(|acl| !acl.admits(addr.ip())) {
+            return Err(Refusal::Acl);
+        }
+        match &edge.per_source {
+            Some(rules) => edge
+                .limiter
+                .admit(addr.ip(), rules, Instant::now())
+                .map_err(|r| match r {
+                    limits::Refused::Limit => Refusal::SourceLimit,
+                    limits::Refused::Rate => Refusal::SourceRate,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Serve a client the listener just accepted and [`screen`](Self::screen)ed.
+    pub async fn serve_accepted(
+        self: Arc<Self>,
+        client: Socket,
+        entry: Entry,
+        _admitted: Admitted,
+    ) {
         self.metrics.connections.inc();
-        self.serve(client).await;
+        self.serve(client, entry).await;
     }
 
     /// Admit a client, connect it to a backend and relay until it is done.
-    async fn serve(&self, client: Socket) {
+    async fn serve(&self, client: Socket, entry: Entry) {
         let m = &self.metrics;
+        // A trusted proxy's header first: it says who the client is.
+        let Entry {
+            peer,
+            needs_header,
+            slot,
+        } = entry;
+        let mut origin = peer.map(|p| (p, None));
+        let mut _slot = slot;
+        if needs_header {
+            let header = tokio::time::timeout(
+                PROXY_HEADER_TIMEOUT,
+                proxy::read(
+                    &client,
+                    self.edge
+                        .as_ref()
+                        .and_then(|e| e.proxy.as_ref())
+                        .and_then(|p| p.0),
+                ),
+            )
+            .await;
+            let found = match header {
+                Ok(Ok(received)) => received.addresses,
+                Ok(Err(e)) => {
+                    let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+                    self.refuse(Refusal::ProxyProtocol(format!("from {from}: {e}")));
+                    return;
+                }
+                Err(_) => {
+                    let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+                    self.refuse(Refusal::ProxyProtocol(format!(
+                        "from {from}: no complete PROXY protocol header within {}",
+                        humantime::format_duration(PROXY_HEADER_TIMEOUT)
+                    )));
+                    return;
+                }
+            };
+            // LOCAL (the proxy's own health check): the connection's addresses stand.
+            if let Some((from, to)) = found {
+                origin = Some((from, Some(to)));
+            }
+            let client_addr = origin.map(|(a, _)| a);
+            if let (Some(edge), Some(addr)) = (&self.edge, client_addr) {
+                match self.admit_source(edge, addr) {
+                    Ok(slot) => _slot = slot,
+                    Err(refusal) => {
+                        self.refuse(refusal);
+                        return;
+                    }
+                }
+            }
+        }
         let (_held, open) = Held::new(&self.active, &m.active);
         if let Some(max) = self.max_connections {
             if open > max as i64 {
@@ -306,9 +501,24 @@ impl ListenerApp {
         }
         let generation = self.pool.generation();
         let needs_key = generation.needs_client_key();
-        let client_addr = (needs_key || log::log_enabled!(log::Level::Debug))
-            .then(|| client.get_ref().peer_addr().ok())
-            .flatten();
+        let sends_proxy = generation.settings.proxy_protocol;
+        // The client's own address, and the one it connected to, when the
+        // header or the socket tells and something needs them.
+        let client_addr = match origin {
+            Some((addr, _)) => Some(addr),
+            None => (needs_key || sends_proxy.is_some() || log::log_enabled!(log::Level::Debug))
+                .then(|| client.get_ref().peer_addr().ok())
+                .flatten(),
+        };
+        let proxy_header = match (sends_proxy, client_addr) {
+            (Some(version), Some(from)) => {
+                let to = origin
+                    .and_then(|(_, to)| to)
+                    .or_else(|| client.get_ref().local_addr().ok());
+                to.map(|to| proxy::header(version, from, to))
+            }
+            _ => None,
+        };
         let key = match client_addr.filter(|_| needs_key) {
             Some(a) => ip_key(a),
             None => Vec::new(),
@@ -319,13 +529,16 @@ impl ListenerApp {
         loop {
             // Boxed: the connect state is short-lived and must not size the
             // future every idle connection keeps.
-            let connected = match Box::pin(self.connect(&key, &mut attempts, hops)).await {
-                Ok(connected) => connected,
-                Err(refusal) => {
-                    self.refuse(refusal);
-                    return;
-                }
-            };
+            let connected =
+                match Box::pin(self.connect(&key, &mut attempts, hops, proxy_header.as_deref()))
+                    .await
+                {
+                    Ok(connected) => connected,
+                    Err(refusal) => {
+                        self.refuse(refusal);
+                        return;
+                    }
+                };
             let Connected {
                 member,
                 socket: upstream,
@@ -407,6 +620,38 @@ impl ListenerApp {
                     );
                 }
             }
+            Refusal::Acl => {
+                self.metrics.rejected_acl.inc();
+                debug!("listener {}: client refused by the source rules", self.name);
+            }
+            Refusal::SourceLimit | Refusal::SourceRate => {
+                let (counter, what) = if matches!(refusal, Refusal::SourceLimit) {
+                    (
+                        &self.metrics.rejected_source_limit,
+                        "per_source.max_connections",
+                    )
+                } else {
+                    (&self.metrics.rejected_source_rate, "per_source.rate")
+                };
+                counter.inc();
+                if let Some(skipped) = self.edge_log.allow() {
+                    warn!(
+                        "listener {}: a client address is over its {what}; refusing it{}",
+                        self.name,
+                        since_last(skipped)
+                    );
+                }
+            }
+            Refusal::ProxyProtocol(why) => {
+                self.metrics.rejected_proxy_protocol.inc();
+                if let Some(skipped) = self.edge_log.allow() {
+                    warn!(
+                        "listener {}: client refused: {why}{}",
+                        self.name,
+                        since_last(skipped)
+                    );
+                }
+            }
             Refusal::Loop => {
                 self.metrics.rejected_loop.inc();
                 if let Some(skipped) = self.loop_log.allow() {
@@ -438,6 +683,7 @@ impl ListenerApp {
         key: &[u8],
         attempts: &mut Attempts,
         hops: u8,
+        preamble: Option<&[u8]>,
     ) -> Result<Connected, Refusal> {
         let pool = &self.pool;
         let generation = pool.generation();
@@ -469,6 +715,14 @@ impl ListenerApp {
                     Self::connect_to(outgoing, addr, timeout).await
                 }
                 Err(e) => Err((ConnectErrorKind::Other, e)),
+            };
+            // The PROXY protocol header goes first, before any client byte.
+            let connected = match (connected, preamble) {
+                (Ok(socket), Some(bytes)) => match write_all(&socket, bytes).await {
+                    Ok(()) => Ok(socket),
+                    Err(e) => Err((ConnectErrorKind::Other, e)),
+                },
+                (other, _) => other,
             };
             match connected {
                 Ok(socket) => {

@@ -33,6 +33,28 @@ pub enum RejectReason {
     FdLimit,
     /// The backend picked was this listener itself (a proxy loop).
     Loop,
+    /// The source address is not allowed (`allow`/`deny`).
+    Acl,
+    /// The source address has `per_source.max_connections` open.
+    SourceLimit,
+    /// The source address is over `per_source.rate`.
+    SourceRate,
+    /// A missing, malformed or forged PROXY protocol header.
+    ProxyProtocol,
+}
+
+impl RejectReason {
+    /// Every reason, in the order the metric lists them.
+    pub const ALL: [RejectReason; 8] = [
+        RejectReason::NoBackend,
+        RejectReason::MaxConnections,
+        RejectReason::FdLimit,
+        RejectReason::Loop,
+        RejectReason::Acl,
+        RejectReason::SourceLimit,
+        RejectReason::SourceRate,
+        RejectReason::ProxyProtocol,
+    ];
 }
 
 impl RejectReason {
@@ -43,6 +65,10 @@ impl RejectReason {
             RejectReason::MaxConnections => "max_connections",
             RejectReason::FdLimit => "fd_limit",
             RejectReason::Loop => "loop",
+            RejectReason::Acl => "acl",
+            RejectReason::SourceLimit => "source_limit",
+            RejectReason::SourceRate => "source_rate",
+            RejectReason::ProxyProtocol => "proxy_protocol",
         }
     }
 }
@@ -91,6 +117,7 @@ pub struct Metrics {
     pool_conflicts: IntGaugeVec,
     backend_role: IntGaugeVec,
     config_reloads: IntCounterVec,
+    admin_requests: IntCounterVec,
     config_last_reload_success: prometheus::Gauge,
 }
 
@@ -109,6 +136,14 @@ pub struct ListenerMetrics {
     pub rejected_fd_limit: IntCounter,
     /// Refused because the backend was sluice itself.
     pub rejected_loop: IntCounter,
+    /// Refused by the source rules.
+    pub rejected_acl: IntCounter,
+    /// Refused at the per-source connection limit.
+    pub rejected_source_limit: IntCounter,
+    /// Refused at the per-source rate.
+    pub rejected_source_rate: IntCounter,
+    /// Refused for a missing, malformed or forged PROXY header.
+    pub rejected_proxy_protocol: IntCounter,
     /// Bytes from clients to backends.
     pub bytes_in: IntCounter,
     /// Bytes from backends to clients.
@@ -348,6 +383,12 @@ impl Metrics {
                 }
                 c
             },
+            admin_requests: counter(
+                &r,
+                "sluice_admin_requests_total",
+                "Requests to the admin API, by endpoint and status code.",
+                &["endpoint", "code"],
+            ),
             config_last_reload_success: {
                 let g = prometheus::Gauge::new(
                     "sluice_config_last_reload_success_timestamp_seconds",
@@ -370,6 +411,13 @@ impl Metrics {
         if ok {
             self.config_loaded_now();
         }
+    }
+
+    /// Count an admin request to `endpoint` (a fixed label) answered `code`.
+    pub fn admin_request(&self, endpoint: &str, code: u16) {
+        self.admin_requests
+            .with_label_values(&[endpoint, &code.to_string()])
+            .inc();
     }
 
     /// Record that the configuration in force was loaded now.
@@ -397,6 +445,18 @@ impl Metrics {
             rejected_loop: self
                 .listener_rejected
                 .with_label_values(&[name, RejectReason::Loop.as_str()]),
+            rejected_acl: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::Acl.as_str()]),
+            rejected_source_limit: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::SourceLimit.as_str()]),
+            rejected_source_rate: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::SourceRate.as_str()]),
+            rejected_proxy_protocol: self
+                .listener_rejected
+                .with_label_values(&[name, RejectReason::ProxyProtocol.as_str()]),
             bytes_in: self.listener_bytes.with_label_values(&[name, "in"]),
             bytes_out: self.listener_bytes.with_label_values(&[name, "out"]),
             duration: self.connection_duration.with_label_values(&[name]),
@@ -458,12 +518,7 @@ impl Metrics {
     pub fn remove_listener(&self, name: &str) {
         let _ = self.listener_connections.remove_label_values(&[name]);
         let _ = self.listener_active.remove_label_values(&[name]);
-        for reason in [
-            RejectReason::NoBackend,
-            RejectReason::MaxConnections,
-            RejectReason::FdLimit,
-            RejectReason::Loop,
-        ] {
+        for reason in RejectReason::ALL {
             let _ = self
                 .listener_rejected
                 .remove_label_values(&[name, reason.as_str()]);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! pingora Server (our signal handling: lifecycle::Signals; SIGHUP reloads)
-//!  ├─ admin      pingora HTTP service -> admin::AdminApp     (optional)
+//!  ├─ BG admin   admin::server::AdminService -> admin::AdminApp (optional)
 //!  ├─ BG health  health::HealthService (a loop per pool)
 //!  ├─ listeners  traffic::TrafficService (every listener; waits for BG health)
 //!  └─ BG drain   lifecycle::DrainService
@@ -15,13 +15,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use log::{info, warn};
-use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
-use pingora::services::listening::Service;
 
-use crate::admin::AdminApp;
+use crate::admin::server::AdminService;
+use crate::admin::{Access, AdminApp};
 use crate::config::Config;
 use crate::handover::{self, HandoverError, Receiver};
 use crate::health::{HealthChecks, HealthService};
@@ -93,6 +92,10 @@ fn check_binds(config: &Config) -> Result<(), StartError> {
 
 /// Every address the listeners of `config` listen on.
 fn wanted_addresses(config: &Config) -> Vec<handover::Wanted> {
+    let admin = config.admin.iter().map(|a| handover::Wanted {
+        path: "admin.bind".to_string(),
+        addr: a.bind,
+    });
     config
         .listeners
         .iter()
@@ -102,6 +105,7 @@ fn wanted_addresses(config: &Config) -> Vec<handover::Wanted> {
                 addr,
             })
         })
+        .chain(admin)
         .collect()
 }
 
@@ -186,7 +190,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         warn!("{w}");
     }
     let (grace, timeout) = (config.server.grace_period, config.server.shutdown_timeout);
-    let admin_bind = config.admin.as_ref().map(|a| a.bind);
+    let admin = config.admin.clone();
     let upgrade_sock = config.server.upgrade_sock.clone();
     let state = State::new(
         options.config_path.clone(),
@@ -202,13 +206,16 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         .start_reloader()
         .map_err(|source| StartError::Thread { source })?;
 
-    if let Some(bind) = admin_bind {
-        let app = AdminApp::new(Arc::clone(&state));
-        let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
-        svc.add_tcp(&bind.to_string());
-        svc.threads = Some(1);
-        server.add_service(svc);
-        info!("admin listening on http://{bind}");
+    if let Some(admin) = admin {
+        let access = Access::new(&admin.access, admin.bind);
+        if let Some(w) = access.warning(admin.bind) {
+            warn!("{w}");
+        }
+        let app = AdminApp::new(Arc::clone(&state), access);
+        // sluice's own socket, handed over with the listeners on upgrade.
+        let svc = AdminService::new(app, admin.bind, Arc::clone(&traffic));
+        server.add_service(background_service("admin", svc));
+        info!("admin listening on http://{}", admin.bind);
     }
     let health_handle = server.add_service(background_service("health", HealthService(health)));
     let traffic_handle = server.add_service(TrafficService(Arc::clone(&traffic)));

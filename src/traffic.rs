@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ListenerSettings};
+use crate::edge::limits::SourceLimiter;
 use crate::handover::{self, HandoverError, Sent};
 use crate::listener::{ListenerApp, LogLimiter, OpenConnections};
 use crate::metrics::Metrics;
@@ -95,6 +96,10 @@ pub struct Traffic {
     closed: watch::Sender<bool>,
     /// Clients being served, per listener name.
     client_counts: Mutex<HashMap<String, Arc<AtomicI64>>>,
+    /// Per-source limit state, per listener name (kept across reloads).
+    source_limits: Mutex<HashMap<String, Arc<SourceLimiter>>>,
+    /// The admin listener's address, among the held sockets.
+    admin: Mutex<Option<String>>,
 }
 
 /// A listener's sockets, bound but not accepting yet.
@@ -124,6 +129,8 @@ impl Traffic {
             inherited: Mutex::new(HashMap::new()),
             closed: watch::Sender::new(false),
             client_counts: Mutex::new(HashMap::new()),
+            source_limits: Mutex::new(HashMap::new()),
+            admin: Mutex::new(None),
         })
     }
 
@@ -232,13 +239,25 @@ impl Traffic {
         Ok(())
     }
 
-    /// Close the sockets held for addresses `config` no longer listens on.
+    /// The admin listener's socket for `addr`: inherited or bound, with a
+    /// copy kept (and handed over on upgrade) like the listeners'.
+    pub fn admin_socket(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let listener = self.socket_for(addr)?;
+        let key = addr.to_string();
+        lock(&self.held).insert(key.clone(), listener.try_clone()?);
+        *lock(&self.admin) = Some(key);
+        Ok(listener)
+    }
+
+    /// Close the sockets held for addresses `config` no longer listens on
+    /// (the admin listener's stays: it needs a restart to move).
     pub fn release_unused(&self, config: &Config) {
-        let wanted: HashSet<String> = config
+        let mut wanted: HashSet<String> = config
             .listeners
             .iter()
             .flat_map(|l| l.bind.iter().map(ToString::to_string))
             .collect();
+        wanted.extend(lock(&self.admin).clone());
         self.release(|addr| !wanted.contains(addr));
     }
 
@@ -415,11 +434,17 @@ impl Traffic {
                 .entry(settings.name.clone())
                 .or_default(),
         );
+        let limiter = Arc::clone(
+            lock(&self.source_limits)
+                .entry(settings.name.clone())
+                .or_insert_with(SourceLimiter::new),
+        );
         ListenerApp::new(
             settings,
             pool,
             self.metrics.listener(&settings.name),
             active,
+            limiter,
         )
     }
 
@@ -454,8 +479,15 @@ impl Traffic {
                         match guard.try_io(|l| socket::accept(l.get_ref())) {
                             Ok(Ok(client)) => {
                                 let app = app.load_full();
+                                // Source rules before any other work: a refused
+                                // client is closed here, no task spawned.
+                                let Some(entry) = app.screen(&client) else {
+                                    continue;
+                                };
                                 let admitted = self.open.admit();
-                                tokio::spawn(async move { app.serve_accepted(client, admitted).await });
+                                tokio::spawn(async move {
+                                    app.serve_accepted(client, entry, admitted).await
+                                });
                             }
                             Ok(Err(e)) if is_local_exhaustion(&e) => {
                                 if !self.refuse_one(&listener, &app.load()) {

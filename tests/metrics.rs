@@ -195,6 +195,14 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         0.0
     );
     assert!(m.value("sluice_config_last_reload_success_timestamp_seconds", &[]) > 0.0);
+    // The admin API counts its requests by endpoint and status (the pools
+    // query above, and the scrapes).
+    assert!(
+        m.value(
+            "sluice_admin_requests_total",
+            &[("endpoint", "/api/v1/pools"), ("code", "200")]
+        ) >= 1.0
+    );
 
     // Labels are bounded: only these names appear, so no client address can.
     let allowed = [
@@ -209,6 +217,8 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         "role",
         "version",
         "le",
+        "endpoint",
+        "code",
     ];
     for line in m.text.lines().filter(|l| l.starts_with("sluice_")) {
         let Some((_, labels)) = line.split_once('{') else {

@@ -297,14 +297,14 @@ async fn upgrade_carries_100_listeners_under_load_twice() {
     every_listener_serves(&load, &[0; LISTENERS], 3, &old, "every listener serving").await;
 
     let new = hand_over(&old, &sock, &load).await;
-    // Two batches (64 + 36) over sluice's own handover; pingora's carries
-    // only the admin socket.
-    old.wait_log("handed 100 listening socket(s)").await;
-    new.wait_log("took over 100 listening socket(s)").await;
+    // Two batches (64 + 37: the listeners and the admin socket) over
+    // sluice's own handover; pingora's carries nothing.
+    old.wait_log("handed 101 listening socket(s)").await;
+    new.wait_log("took over 101 listening socket(s)").await;
     assert!(old.log().contains("in 2 batch(es)"), "{}", old.log());
     let newer = hand_over(&new, &sock, &load).await;
-    new.wait_log("handed 100 listening socket(s)").await;
-    newer.wait_log("took over 100 listening socket(s)").await;
+    new.wait_log("handed 101 listening socket(s)").await;
+    newer.wait_log("took over 101 listening socket(s)").await;
 
     let (ok, failed, errors) = load.finish().await;
     println!(
@@ -368,7 +368,7 @@ async fn sigquit_without_a_new_process_keeps_serving() {
     })
     .await;
     old.signal(Signal::SIGQUIT);
-    old.wait_log("handed 1 listening socket(s)").await;
+    old.wait_log("handed 2 listening socket(s)").await;
     old.wait_log("listeners closed").await;
     let handed_over = served();
     wait_until("load flowing through the new process", || async {

@@ -471,16 +471,29 @@ fn decode_credentials(d: &mut Decoder, f: &Fields<'_>, user_required: bool) -> O
             None
         }
     };
-    let password = match (f.get("password_env"), f.get("password_file")) {
+    let password = decode_secret(d, f, "password_env", "password_file");
+    (d.problems.len() == before).then_some(Credentials { user, password })
+}
+
+/// A secret from the environment variable named by `env_key` or the file
+/// named by `file_key` (one of them; `None` when neither is given). The
+/// file is read bounded, and one trailing newline is dropped.
+pub(super) fn decode_secret(
+    d: &mut Decoder,
+    f: &Fields<'_>,
+    env_key: &str,
+    file_key: &str,
+) -> Option<Secret> {
+    match (f.get(env_key), f.get(file_key)) {
         (Some(_), Some(_)) => {
             d.problem(
-                f.path("password_file"),
-                "give password_env or password_file, not both",
+                f.path(file_key),
+                format!("give {env_key} or {file_key}, not both"),
             );
             None
         }
         (Some(v), None) => {
-            let path = f.path("password_env");
+            let path = f.path(env_key);
             non_empty(d, v, &path).and_then(|name| match std::env::var(name) {
                 Ok(p) => Some(Secret::new(p)),
                 Err(std::env::VarError::NotPresent) => {
@@ -497,7 +510,7 @@ fn decode_credentials(d: &mut Decoder, f: &Fields<'_>, user_required: bool) -> O
             })
         }
         (None, Some(v)) => {
-            let path = f.path("password_file");
+            let path = f.path(file_key);
             let read = |file: &str| {
                 super::read::read_bounded(std::path::Path::new(file), super::MAX_SECRET_BYTES)
             };
@@ -515,6 +528,5 @@ fn decode_credentials(d: &mut Decoder, f: &Fields<'_>, user_required: bool) -> O
             })
         }
         (None, None) => None,
-    };
-    (d.problems.len() == before).then_some(Credentials { user, password })
+    }
 }
