@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
 # The database servers: the role-aware health checks are tested against real ones
 # (started by the tests on loopback ports, never as system services).
-DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql
+DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql haproxy nginx-light libnginx-mod-stream
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 

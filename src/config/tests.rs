@@ -680,3 +680,85 @@ pools:
     .unwrap();
     assert_eq!(c.pools.len(), 3);
 }
+
+/// `MINIMAL`'s listener with `keys` added (a flow-mapping tail).
+fn with_listener_keys(keys: &str) -> String {
+    MINIMAL.replace("pool: app }", &format!("pool: app, {keys} }}"))
+}
+
+#[test]
+fn edge_keys_are_read() {
+    let c = Config::from_yaml(&with_listener_keys(
+        "allow: [10.0.0.0/8, '2001:db8::/32', 192.0.2.7], deny: 10.1.0.0/16, \
+         per_source: { max_connections: 5, rate: 0.5 }, \
+         proxy_protocol: { accept: any, from: [127.0.0.1] }",
+    ))
+    .unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.allow.as_ref().unwrap().len(), 3);
+    assert_eq!(l.deny[0].to_string(), "10.1.0.0/16");
+    let ps = l.per_source.as_ref().unwrap();
+    assert_eq!(
+        (ps.max_connections, ps.rate, ps.burst),
+        (Some(5), Some(0.5), 1)
+    );
+    let pp = l.proxy_protocol.as_ref().unwrap();
+    assert_eq!(pp.version, None);
+    let c = Config::from_yaml(&with_pool_keys("proxy_protocol: v1")).unwrap();
+    assert_eq!(c.pools[0].proxy_protocol, Some(edge::ProxyVersion::V1));
+}
+
+#[test]
+fn edge_mistakes_are_reported_with_paths() {
+    let p = problems(&with_listener_keys(
+        "allow: [10.0.0.300/8, 10.0.0.1/8], deny: 42, per_source: { burst: 3 }, \
+         proxy_protocol: { accept: v3 }",
+    ))
+    .join("\n");
+    for want in [
+        "listeners.web.allow[0]: `10.0.0.300/8` is not an IP address or CIDR prefix",
+        "listeners.web.allow[1]: `10.0.0.1/8` has host bits set; the prefix is 10.0.0.0/8",
+        "listeners.web.deny: must be a list of addresses or CIDR prefixes",
+        "listeners.web.per_source.burst: only applies with rate",
+        "listeners.web.per_source: needs max_connections, rate, or both",
+        "listeners.web.proxy_protocol.accept: ",
+        "listeners.web.proxy_protocol.from: is required",
+    ] {
+        assert!(p.contains(want), "missing `{want}` in:\n{p}");
+    }
+    let p = problems(&with_listener_keys("allow: []")).join("\n");
+    assert!(p.contains("listeners.web.allow: is empty"), "{p}");
+    let p = problems(&with_pool_keys("proxy_protocol: v3")).join("\n");
+    assert!(p.contains("pools.app.proxy_protocol: "), "{p}");
+}
+
+#[test]
+fn the_admin_token_is_read_from_a_file_and_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "s3cret-token-0123456789\n").unwrap();
+    let src = format!(
+        "admin: {{ bind: 127.0.0.1:9100, token_file: '{}', protect_reads: true, hosts: [LB.internal] }}\n{MINIMAL}",
+        path.display()
+    );
+    let c = Config::from_yaml(&src).unwrap();
+    let a = &c.admin.as_ref().unwrap().access;
+    assert_eq!(
+        a.token.as_ref().unwrap().expose(),
+        "s3cret-token-0123456789"
+    );
+    assert!(a.protect_reads);
+    assert_eq!(a.hosts, ["lb.internal"]);
+    assert!(!format!("{c:?}").contains("s3cret"), "Debug never shows it");
+    std::fs::write(&path, "short\n").unwrap();
+    let p = problems(&src).join("\n");
+    assert!(
+        p.contains("admin.token_file: the token is shorter than 16"),
+        "{p}"
+    );
+    let p = problems(&format!(
+        "admin: {{ bind: 127.0.0.1:9100, protect_reads: true }}\n{MINIMAL}"
+    ))
+    .join("\n");
+    assert!(p.contains("admin.protect_reads: needs a token"), "{p}");
+}

@@ -106,12 +106,34 @@ impl Sluice {
         Sluice::launch(admin, dir, config_path, &[], Some(fds))
     }
 
+    /// Start sluice with `yaml` and extra environment variables (they win
+    /// over the defaults, `RUST_LOG` included); does not wait for readiness.
+    pub fn spawn_with_env(yaml: &str, env: &[(&str, &str)]) -> Sluice {
+        let admin: SocketAddr = format!("127.0.0.1:{}", reserve_port()).parse().unwrap();
+        let yaml = yaml.replace("{admin}", &admin.to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.yaml");
+        std::fs::write(&config_path, &yaml).unwrap();
+        Sluice::launch_with(admin, dir, config_path, &[], None, env)
+    }
+
     fn launch(
         admin: SocketAddr,
         dir: tempfile::TempDir,
         config_path: std::path::PathBuf,
         flags: &[&str],
         fd_limit: Option<u32>,
+    ) -> Sluice {
+        Sluice::launch_with(admin, dir, config_path, flags, fd_limit, &[])
+    }
+
+    fn launch_with(
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        config_path: std::path::PathBuf,
+        flags: &[&str],
+        fd_limit: Option<u32>,
+        env: &[(&str, &str)],
     ) -> Sluice {
         let bin = env!("CARGO_BIN_EXE_sluice");
         let mut command = match fd_limit {
@@ -130,6 +152,7 @@ impl Sluice {
             .arg("-c")
             .arg(&config_path)
             .env("RUST_LOG", "info,sluice=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
