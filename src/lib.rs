@@ -4,7 +4,8 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | flags, `-t`, start-up |
+//! | [`cli`] | flags, `-t`, start-up, subcommands |
+//! | [`healthcheck`] | `sluice healthcheck`: one bounded `GET /readyz` for container health checks |
 //! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
 //! | [`server`] | turning a config into pingora services and running them |
 //! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals |
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod handover;
 pub mod health;
+pub mod healthcheck;
 pub mod lifecycle;
 pub mod listener;
 pub mod loops;
