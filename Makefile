@@ -10,7 +10,7 @@ DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redi
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
-.PHONY: help deps bench-deps build release run test fuzz bench soak lint check-config base-images image image-from-source up down drills kube-check clean
+.PHONY: help deps bench-deps build build-bin release run test fuzz bench soak lint check-config base-images image image-from-source up down drills kube-check clean
 
 help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
@@ -53,7 +53,7 @@ test: deps lint
 	$(CARGO) test --locked
 	$(MAKE) kube-check
 	@if docker info >/dev/null 2>&1; then \
-		$(MAKE) drills; \
+		$(MAKE) drills IMAGE_PROFILE=debug; \
 	else \
 		echo; \
 		echo "################################################################"; \
@@ -94,15 +94,27 @@ check-config: build
 base-images:
 	scripts/docker-base-images.sh
 
-# The image from docker/Dockerfile with the release binary built above
-# (debug info stripped, symbols kept), not a second compile in Docker.
-image: release base-images
+# The image from docker/Dockerfile with a binary built here (debug info
+# stripped, symbols kept), not a second compile in Docker: the release
+# binary, or with IMAGE_PROFILE=debug the one `cargo test` has just built
+# (what `make test` uses for the drills: no second compile of the tree).
+IMAGE_PROFILE ?= release
+ifeq ($(IMAGE_PROFILE),release)
+IMAGE_BINARY_TARGET := release
+else
+IMAGE_BINARY_TARGET := build-bin
+endif
+
+build-bin: deps
+	$(CARGO) build --locked --bin sluice
+
+image: $(IMAGE_BINARY_TARGET) base-images
 	@mkdir -p target/docker
-	strip --strip-debug -o target/docker/sluice target/release/sluice
+	strip --strip-debug -o target/docker/sluice target/$(IMAGE_PROFILE)/sluice
 	docker build -q -f docker/Dockerfile --build-arg BUILDER=debian:bookworm-slim \
 		--build-arg PREBUILT=target/docker/sluice -t sluice:latest . >/dev/null
 	@docker image prune -f --filter label=org.sluice.stage=builder >/dev/null
-	@echo "sluice:latest: $$(docker image inspect -f '{{.Size}}' sluice:latest | awk '{printf "%.1f MB", $$1/1e6}')"
+	@echo "sluice:latest ($(IMAGE_PROFILE) build): $$(docker image inspect -f '{{.Size}}' sluice:latest | awk '{printf "%.1f MB", $$1/1e6}')"
 
 # The same file as a user elsewhere builds it: compiled inside rust:1.95-bookworm.
 image-from-source:
@@ -118,7 +130,7 @@ down:
 
 # Starts the stack, runs every drill under load, removes the stack.
 drills: image
-	python3 scripts/drills.py
+	SLUICE_IMAGE_PROFILE=$(IMAGE_PROFILE) python3 scripts/drills.py
 
 # deploy/kubernetes/ against the Kubernetes schemas (kubernetes-validate from
 # PyPI, in a virtualenv under target/) and sluice's own rules; no cluster.

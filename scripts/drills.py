@@ -26,6 +26,7 @@ Usage: drills.py [--keep] [--only NAME[,NAME...]]
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def drill_image():
         code = stack.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", cid]).strip()
     finally:
         stack.run(["docker", "rm", "-f", cid], check=False)
-    figures = {"size_mb": round(size / 1e6, 1), "user": user, "process_uids": uid,
+    figures = {"size_mb": round(size / 1e6, 1),
+               "binary": os.environ.get("SLUICE_IMAGE_PROFILE", "release"), "user": user, "process_uids": uid,
                "healthy_after_s": round(healthy_after, 1), "sigterm_exit": code,
                "stop_s": round(stop_took, 1)}
     errors = []
@@ -289,6 +291,11 @@ def drill_stop_balancer():
     stack.run(["docker", "stop", "-t", "30", cid])
     stop_took = time.monotonic() - t0
     code = stack.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", cid]).strip()
+    # Connections still open when shutdown_timeout ran out (sluice logs how
+    # many it closed then): none when every connection finished by itself.
+    logs = subprocess.run(["docker", "logs", "--since", f"{int(t_stop) - 1}", cid],
+                          capture_output=True, text=True).stderr
+    cut = sum(int(m) for m in re.findall(r"shutdown timeout \(\S+\) reached: closing (\d+)", logs))
     recs = load.results()
     in_flight = [r for r in recs if r["t0"] < t_stop < r["t1"]]
     bad = failed(recs)
@@ -298,12 +305,15 @@ def drill_stop_balancer():
     figures = {"stopped": victim, "load": summary(recs), "in_flight_at_sigterm": len(in_flight),
                "in_flight_failed": sum(1 for r in in_flight if not r["ok"]),
                "failed_requests": len(bad), "docker_stop_s": round(stop_took, 1),
+               "connections_cut_at_shutdown_timeout": cut,
                "exit_code": code, "address_moved": moved}
     errors = []
     if bad:
         errors.append(f"{len(bad)} requests failed, e.g. {bad[0].get('err')}")
     if not in_flight:
         errors.append("no request was in flight at SIGTERM: the drill proved nothing")
+    if cut:
+        errors.append(f"{cut} connections did not finish by themselves (cut at shutdown_timeout)")
     if code != "0":
         errors.append(f"exit code {code}")
     if not moved:

@@ -105,7 +105,10 @@ fn healthcheck(conf: &std::path::Path, args: &HealthcheckArgs) -> ExitCode {
     };
     match healthcheck::probe(addr, &args.path, args.timeout) {
         Ok(answer) => {
-            println!("{addr}{}: {} {}", args.path, answer.status, answer.first_line);
+            println!(
+                "{addr}{}: {} {}",
+                args.path, answer.status, answer.first_line
+            );
             if answer.healthy() {
                 ExitCode::SUCCESS
             } else {

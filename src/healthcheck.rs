@@ -20,7 +20,9 @@ const MAX_HEADERS: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// The path would not make a well-formed request line.
-    #[error("`{0}` is not a request path (it must start with `/` and hold no spaces or control characters)")]
+    #[error(
+        "`{0}` is not a request path (it must start with `/` and hold no spaces or control characters)"
+    )]
     BadPath(String),
     /// The connection could not be made.
     #[error("cannot connect to {addr}: {source}")]
@@ -112,8 +114,9 @@ pub fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<Answer, Pr
     stream
         .set_write_timeout(Some(remaining().ok_or_else(timeout)?))
         .map_err(io)?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sluice-healthcheck\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sluice-healthcheck\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).map_err(io)?;
 
     let mut buf = Vec::with_capacity(1024);

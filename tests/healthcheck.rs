@@ -88,7 +88,10 @@ fn nothing_listening_is_unhealthy_with_the_reason() {
     let port = reserve_port();
     let (code, out, _, took) = sluice(&["healthcheck", "--admin", &format!("127.0.0.1:{port}")]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.starts_with("unhealthy: cannot connect to 127.0.0.1:"), "{out}");
+    assert!(
+        out.starts_with("unhealthy: cannot connect to 127.0.0.1:"),
+        "{out}"
+    );
     assert!(out.contains("refused"), "{out}");
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
@@ -179,7 +182,10 @@ fn without_an_admin_listener_it_says_what_to_pass() {
     std::fs::write(&conf, "admin: { bind: nowhere }\n").unwrap();
     let (code, _, err, _) = sluice(&["healthcheck", "-c", conf.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("admin.bind"), "the problem names its path: {err}");
+    assert!(
+        err.contains("admin.bind"),
+        "the problem names its path: {err}"
+    );
     assert!(err.contains("pass --admin ADDR"), "{err}");
 }
 

@@ -20,14 +20,16 @@ preempt=nopreempt
 [ "${PREEMPT:-false}" = true ] && preempt="# preempt (PREEMPT=true)"
 
 # Connections outlive a move of the address. Each member's conntrack tells
-# its own connections (it saw their SYN) from the others: a packet that is
-# not a SYN yet opens a conntrack entry here belongs to a connection the
-# other member accepted, before the address moved or from a client whose
-# ARP cache is behind. Such a connection is marked (ct mark) and all its
-# packets are routed to the other member, tagged (DSCP CS7) so that they are
-# never sent back: the receiver delivers them to its own socket, or answers
-# RST when there is none. Every member also keeps the address on lo, where
-# no ARP answers for it (arp_ignore/arp_announce in the compose sysctls), so
+# its own connections (it saw their SYN) from the others': a packet that is
+# not a SYN yet opens a conntrack entry here (a loose pickup), or that
+# conntrack cannot place at all (a FIN or RST out of nowhere) and that no
+# socket here owns, belongs to a connection the other member accepted,
+# before the address moved or from a client whose ARP cache is behind. Such
+# a connection is marked (ct mark, where conntrack keeps one) and its packets
+# are routed to the other member, tagged (DSCP CS7) so that they are never
+# sent back: the receiver delivers them to its own socket, or answers RST
+# when there is none. Every member also keeps the address on lo, where no
+# ARP answers for it (arp_ignore/arp_announce in the compose sysctls), so
 # its sockets still receive and send on it after it moved. A draining sluice
 # finishes its requests that way; new connections (SYN) always stay with
 # whoever receives them.
@@ -42,12 +44,14 @@ nft -f - <<NFT
 table ip sluice_vrrp {
     chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
-        ip daddr $VIP ip dscp cs7 return
-        ip daddr $VIP ct mark 0x14 goto handover
-        ip daddr $VIP tcp flags & syn == 0 ct state new goto handover
+        ip daddr $VIP ip dscp cs7 counter return
+        ip daddr $VIP ct mark 0x14 counter goto handover
+        ip daddr $VIP tcp flags & syn == 0 ct state new counter goto handover
+        ip daddr $VIP tcp flags & syn == 0 ct state invalid socket wildcard 0 counter return
+        ip daddr $VIP tcp flags & syn == 0 ct state invalid counter goto handover
     }
     chain handover {
-        meta mark set 0x14 ct mark set 0x14 ip dscp set cs7
+        meta mark set 0x14 ip dscp set cs7 ct mark set 0x14
     }
 }
 NFT
