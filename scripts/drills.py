@@ -121,8 +121,11 @@ def holder():
 
 
 def wait_both_balancers_healthy():
-    poll("sluice1 and sluice2 healthy",
-         lambda: all(stack.states()[s] == (True, "healthy") for s in ("sluice1", "sluice2")),
+    """Both sluice containers healthy and both keepalived members able to
+    hold the address (one MASTER, one BACKUP: none in FAULT)."""
+    poll("sluice1 and sluice2 healthy, one VRRP MASTER and one BACKUP",
+         lambda: all(stack.states()[s] == (True, "healthy") for s in ("sluice1", "sluice2"))
+         and sorted(stack.vrrp_states().values()) == ["BACKUP", "MASTER"],
          limit=60, every=0.25)
 
 
@@ -241,6 +244,7 @@ def gap(recs, since):
 
 
 def drill_kill_balancer():
+    wait_both_balancers_healthy()
     lb = holder()
     other = "lb2" if lb == "lb1" else "lb1"
     victim = stack.PAIR[lb]
@@ -279,6 +283,7 @@ def drill_kill_balancer():
 
 
 def drill_stop_balancer():
+    wait_both_balancers_healthy()
     lb = holder()
     other = "lb2" if lb == "lb1" else "lb1"
     victim = stack.PAIR[lb]
@@ -306,6 +311,7 @@ def drill_stop_balancer():
                "in_flight_failed": sum(1 for r in in_flight if not r["ok"]),
                "failed_requests": len(bad), "docker_stop_s": round(stop_took, 1),
                "connections_cut_at_shutdown_timeout": cut,
+               "failed_at_s_after_sigterm": [round(r["t0"] - t_stop, 2) for r in bad][:8],
                "exit_code": code, "address_moved": moved}
     errors = []
     if bad:

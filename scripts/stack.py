@@ -9,7 +9,7 @@ scripts/drills.py uses it as a library.
   stack.py status  who holds the floating address, each container's health
 
 Healthy means: every container with a health check says so, exactly one
-keepalived member holds the floating address, a request through it reaches
+keepalived member holds the floating address (one MASTER, one BACKUP), a request through it reaches
 an app that writes on the primary and reads on the replica, and Prometheus
 scrapes both sluice instances with the alert rules loaded.
 
@@ -128,6 +128,18 @@ def vip_holders():
     return [lb for lb in PAIR if holds_vip(lb)]
 
 
+def vrrp_state(lb):
+    """MASTER, BACKUP, FAULT or STOP, as keepalived's notify script wrote it."""
+    try:
+        return docker_exec(lb, "cat", "/run/vrrp/state", timeout=10).strip()
+    except StackError:
+        return "UNKNOWN"
+
+
+def vrrp_states():
+    return {lb: vrrp_state(lb) for lb in PAIR}
+
+
 def client_get(url, timeout=5):
     """GET from inside the network (the client container): (status, body)."""
     out = run(["docker", "exec", container("client"), "python3", "/app/load.py", "get", url,
@@ -191,6 +203,9 @@ def problems():
     holders = vip_holders()
     if len(holders) != 1:
         return [f"floating address held by {holders or 'nobody'}"]
+    vrrp = vrrp_states()
+    if sorted(vrrp.values()) != ["BACKUP", "MASTER"]:
+        return [f"VRRP states {vrrp}: one MASTER and one BACKUP wanted"]
     status, body = client_get(f"http://{VIP}:8080/visit?id=healthy-{time.time_ns()}")
     if status != 200:
         return [f"request through {VIP}:8080: {status} {body[:200]}"]
@@ -241,7 +256,7 @@ def down():
 def status():
     for s, (running, health) in sorted(states().items()):
         print(f"{s:12} {'running' if running else 'stopped':8} {health or ''}")
-    print(f"floating address {VIP}: {vip_holders() or 'nobody'}")
+    print(f"floating address {VIP}: {vip_holders() or 'nobody'}; VRRP {vrrp_states()}")
 
 
 def main():

@@ -9,7 +9,7 @@
 #   PREEMPT         "true": a member that comes back takes the address back
 #                   from a lower priority one; default "false" (no flap back)
 #   ADMIN           sluice's admin listener in this namespace (default 127.0.0.1:9100)
-#   ADVERT_INT      VRRPv3 advertisement interval in seconds (default 0.5)
+#   ADVERT_INT      VRRPv3 advertisement interval in seconds (default 1)
 #   CHECK_FALL      failed readiness checks (1 s apart) before giving up the address (default 1)
 #   CHECK_RISE      passing checks before it may hold the address again (default 2)
 set -eu
@@ -56,6 +56,11 @@ table ip sluice_vrrp {
 }
 NFT
 
+# The VRRP state, kept by notify.sh as keepalived_script (the image makes
+# /run/vrrp its own); keepalived starts in FAULT (init_fail).
+setpriv --reuid=keepalived_script --regid=keepalived_script --clear-groups \
+	sh -c 'umask 022; echo FAULT >/run/vrrp/state'
+
 mkdir -p /etc/keepalived
 cat >/etc/keepalived/keepalived.conf <<CONF
 global_defs {
@@ -66,9 +71,9 @@ global_defs {
 }
 
 vrrp_script sluice_ready {
-    script "/usr/local/bin/sluice healthcheck --admin $admin --timeout 900ms"
+    script "/usr/local/bin/sluice healthcheck --admin $admin --timeout 1500ms"
     interval 1
-    timeout 1
+    timeout 2
     fall ${CHECK_FALL:-1}
     rise ${CHECK_RISE:-2}
     init_fail
@@ -81,7 +86,7 @@ vrrp_instance sluice {
     version 3
     virtual_router_id 14
     priority $PRIORITY
-    advert_int ${ADVERT_INT:-0.5}
+    advert_int ${ADVERT_INT:-1}
     unicast_src_ip $SELF
     unicast_peer {
         $PEER
@@ -92,6 +97,7 @@ vrrp_instance sluice {
     track_script {
         sluice_ready
     }
+    notify /usr/local/bin/vrrp-notify
 }
 CONF
 exec keepalived --dont-fork --log-console --log-detail --vrrp -f /etc/keepalived/keepalived.conf
