@@ -10,7 +10,7 @@ DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redi
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
-.PHONY: help deps bench-deps build release run test fuzz bench soak lint check-config docker-build docker-up docker-down clean
+.PHONY: help deps bench-deps build build-bin release run test fuzz bench soak lint check-config base-images image image-from-source up down drills kube-check clean
 
 help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
@@ -19,6 +19,9 @@ help:
 	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~12 min)"
 	@echo "make soak     minutes of load with churn, reloads and restarts; RSS and fds must stay flat (SOAK_SECS, default 300)"
 	@echo "make release  build target/release/sluice"
+	@echo "make image    build the container image sluice:latest (Docker; base images made locally when missing)"
+	@echo "make up       the whole stack in compose: a sluice pair on a floating address, apps, MariaDB, Prometheus"
+	@echo "make drills   failure drills against the stack (~5 min), then remove it; make down removes it by hand"
 	@echo "make deps     install the Debian packages the build and tests need"
 
 # Install the Debian packages named in $(1) that are missing.
@@ -48,6 +51,19 @@ run: build
 
 test: deps lint
 	$(CARGO) test --locked
+	$(MAKE) kube-check
+	@if docker info >/dev/null 2>&1; then \
+		$(MAKE) drills IMAGE_PROFILE=debug; \
+	else \
+		echo; \
+		echo "################################################################"; \
+		echo "##  SKIPPED: the container drills (make drills).              ##"; \
+		echo "##  No Docker Engine answers here (docker info failed), so    ##"; \
+		echo "##  the image, the compose stack and its failure drills were  ##"; \
+		echo "##  NOT tested.                                               ##"; \
+		echo "################################################################"; \
+		echo; \
+	fi
 
 # The health-check fuzz targets (tests/check_fuzz.rs), with many more cases
 # than the 40 per target that `make test` runs. An unoptimized build on
@@ -72,14 +88,60 @@ lint:
 check-config: build
 	@for f in conf/*.yaml; do SLUICE_MYSQL_MONITOR_PASSWORD=x ./target/debug/sluice -t -c $$f >/dev/null && echo "ok  $$f" || exit 1; done
 
-docker-build:
+# --- containers (README "Container", "High availability") ---------------
+# Base images: made from Debian's packages when missing (no registry here);
+# where a registry answers, `docker pull` them instead (see the script).
+base-images:
+	scripts/docker-base-images.sh
+
+# The image from docker/Dockerfile with a binary built here (debug info
+# stripped, symbols kept), not a second compile in Docker: the release
+# binary, or with IMAGE_PROFILE=debug the one `cargo test` has just built
+# (what `make test` uses for the drills: no second compile of the tree).
+IMAGE_PROFILE ?= release
+ifeq ($(IMAGE_PROFILE),release)
+IMAGE_BINARY_TARGET := release
+else
+IMAGE_BINARY_TARGET := build-bin
+endif
+
+build-bin: deps
+	$(CARGO) build --locked --bin sluice
+
+image: $(IMAGE_BINARY_TARGET) base-images
+	@mkdir -p target/docker
+	strip --strip-debug -o target/docker/sluice target/$(IMAGE_PROFILE)/sluice
+	docker build -q -f docker/Dockerfile --build-arg BUILDER=debian:bookworm-slim \
+		--build-arg PREBUILT=target/docker/sluice -t sluice:latest . >/dev/null
+	@docker image prune -f --filter label=org.sluice.stage=builder >/dev/null
+	@echo "sluice:latest ($(IMAGE_PROFILE) build): $$(docker image inspect -f '{{.Size}}' sluice:latest | awk '{printf "%.1f MB", $$1/1e6}')"
+
+# The same file as a user elsewhere builds it: compiled inside rust:1.95-bookworm.
+image-from-source:
+	scripts/docker-base-images.sh --rust
 	docker build -f docker/Dockerfile -t sluice:latest .
+	@docker image prune -f --filter label=org.sluice.stage=builder >/dev/null
 
-docker-up:
-	docker compose -f docker/docker-compose.yml up --build
+up: image
+	python3 scripts/stack.py up
 
-docker-down:
-	docker compose -f docker/docker-compose.yml down
+down:
+	python3 scripts/stack.py down
+
+# Starts the stack, runs every drill under load, removes the stack.
+drills: image
+	SLUICE_IMAGE_PROFILE=$(IMAGE_PROFILE) python3 scripts/drills.py
+
+# deploy/kubernetes/ against the Kubernetes schemas (kubernetes-validate from
+# PyPI, in a virtualenv under target/) and sluice's own rules; no cluster.
+KUBE_VENV := target/kube-venv
+$(KUBE_VENV)/bin/kubernetes-validate:
+	python3 -m venv $(KUBE_VENV)
+	$(KUBE_VENV)/bin/pip install -q 'kubernetes-validate==1.37.0'
+
+kube-check: $(KUBE_VENV)/bin/kubernetes-validate
+	$(CARGO) build --locked --bin sluice
+	$(KUBE_VENV)/bin/python scripts/check-kubernetes.py target/debug/sluice
 
 clean:
 	$(CARGO) clean

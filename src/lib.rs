@@ -4,8 +4,9 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | flags, `-t`, start-up |
+//! | [`cli`] | flags, `-t`, start-up, subcommands |
 //! | [`edge`] | before a backend is picked: source allow/deny, per-source limits, the PROXY protocol |
+//! | [`healthcheck`] | `sluice healthcheck`: one bounded `GET /readyz` for container health checks |
 //! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
 //! | [`server`] | turning a config into pingora services and running them |
 //! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals |
@@ -30,6 +31,7 @@ pub mod config;
 pub mod edge;
 pub mod handover;
 pub mod health;
+pub mod healthcheck;
 pub mod lifecycle;
 pub mod listener;
 pub mod loops;
