@@ -146,6 +146,19 @@ pub struct ListenerSettings {
     pub idle_timeout: Option<Duration>,
     /// Relay plain TCP with `splice(2)` (zero-copy) rather than through buffers.
     pub splice: bool,
+    /// Move established connections' bytes inside the kernel (`fast_path`).
+    pub fast_path: FastPath,
+}
+
+/// The listener key `fast_path`: where an established connection's bytes move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FastPath {
+    /// In sluice's own relay (user space).
+    #[default]
+    Off,
+    /// In the kernel: a BPF sockhash redirects each socket's data to its
+    /// peer; falls back to `Off` where the kernel refuses BPF.
+    Sockmap,
 }
 
 /// How a pool spreads connections over its backends.
@@ -771,7 +784,14 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
     let f = d.mapping(
         v,
         path,
-        &["bind", "pool", "max_connections", "idle_timeout", "splice"],
+        &[
+            "bind",
+            "pool",
+            "max_connections",
+            "idle_timeout",
+            "splice",
+            "fast_path",
+        ],
     )?;
 
     let mut bind = Vec::new();
@@ -818,6 +838,17 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         .get("splice")
         .and_then(|v| d.boolean(v, &f.path("splice")))
         .unwrap_or(true);
+    // `off` is a string in YAML 1.2 and a boolean in 1.1: take both.
+    let fast_path = match f.get("fast_path") {
+        None | Some(Value::Bool(false)) => FastPath::Off,
+        Some(v) => d
+            .choice(
+                v,
+                &f.path("fast_path"),
+                &[("sockmap", FastPath::Sockmap), ("off", FastPath::Off)],
+            )
+            .unwrap_or_default(),
+    };
 
     if bind.is_empty() {
         return None;
@@ -829,6 +860,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         max_connections,
         idle_timeout,
         splice,
+        fast_path,
     })
 }
 
