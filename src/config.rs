@@ -157,7 +157,8 @@ pub enum FastPath {
     #[default]
     Off,
     /// In the kernel: a BPF sockhash redirects each socket's data to its
-    /// peer; falls back to `Off` where the kernel refuses BPF.
+    /// peer; falls back to `Off` where the kernel refuses BPF or fails
+    /// sluice's start-up checks (see `relay::sockmap`).
     Sockmap,
 }
 

@@ -160,3 +160,35 @@ impl Outgoing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Accepted clients get `TCP_NODELAY` from their listener (no system
+    /// call of their own), inherited listeners included.
+    #[tokio::test]
+    async fn accepted_clients_have_nodelay_from_their_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registered = register_listener(listener).unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = loop {
+            match accept(registered.get_ref()) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(accepted.get_ref().nodelay().unwrap());
+    }
+
+    /// Only a socket bound before its connect has a port to tell.
+    #[test]
+    fn only_a_socket_bound_first_knows_its_port() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(Outgoing::new(addr, false).unwrap().local_port(), None);
+        assert!(Outgoing::new(addr, true).unwrap().local_port().is_some());
+    }
+}
