@@ -12,7 +12,7 @@
 //! cookie (`SO_COOKIE`) and its TCP counters (`TCP_INFO`, `SIOCOUTQ`).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::libc;
 
@@ -77,10 +77,13 @@ impl Attr {
     #[allow(unsafe_code)]
     fn call(&mut self, cmd: libc::c_long) -> io::Result<libc::c_long> {
         // SAFETY: `self` is a live, 8-aligned, 128-byte block for the whole
-        // call, and its size is passed with it; every pointer stored in it
-        // by this module's callers points into a buffer they keep alive
-        // until this returns. The kernel reads at most `size` bytes and
-        // writes back only into the block and those buffers.
+        // call, and its size is passed with it. Every pointer stored in it
+        // points into a buffer borrowed for the duration of this call, of
+        // the length the kernel will use: element calls check key and value
+        // lengths against the map's sizes first ([`Map`]), program loads
+        // pass the instruction count and log size of their slices, and
+        // strings are NUL-terminated `CString`s. The kernel writes back only
+        // into the block, a lookup's value buffer and the log buffer.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -106,6 +109,22 @@ impl Attr {
     }
 }
 
+/// A BPF map this process created, with the key and value sizes it was
+/// created with: every element call checks its buffers against them, since
+/// the kernel reads (and, on lookup, writes) exactly that many bytes.
+#[derive(Debug)]
+pub struct Map {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl AsFd for Map {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// Create a map (`BPF_MAP_CREATE`); `name` is at most 15 bytes of `[A-Za-z0-9_]`.
 pub fn map_create(
     kind: u32,
@@ -114,7 +133,7 @@ pub fn map_create(
     max_entries: u32,
     flags: u32,
     name: &str,
-) -> io::Result<OwnedFd> {
+) -> io::Result<Map> {
     let mut a = Attr::new();
     a.u32(0, kind)
         .u32(4, key_size)
@@ -124,7 +143,11 @@ pub fn map_create(
     // map_name: after map_flags (16), inner_map_fd (20), numa_node (24).
     let n = name.len().min(15);
     a.0[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
-    a.call_fd(BPF_MAP_CREATE)
+    Ok(Map {
+        fd: a.call_fd(BPF_MAP_CREATE)?,
+        key_size: key_size as usize,
+        value_size: value_size as usize,
+    })
 }
 
 /// Load a program (`BPF_PROG_LOAD`). On a verifier refusal, the error
@@ -165,41 +188,53 @@ pub fn prog_attach(target: BorrowedFd<'_>, prog: BorrowedFd<'_>, kind: u32) -> i
     a.call(BPF_PROG_ATTACH).map(drop)
 }
 
-fn elem(map: BorrowedFd<'_>, key: &[u8], value: u64, flags: u64) -> Attr {
-    let mut a = Attr::new();
-    a.u32(0, map.as_raw_fd() as u32)
-        .u64(8, key.as_ptr() as u64)
-        .u64(16, value)
-        .u64(24, flags);
-    a
-}
-
-/// Set `key` to `value` (`BPF_MAP_UPDATE_ELEM`). For a sockhash, `value`
-/// is the socket's descriptor as a native `u32` or `u64`.
-pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
-    // The kernel reads key_size and value_size bytes: the caller's buffers
-    // are the map's sizes (a wrong size is EINVAL at worst, never a
-    // read past them, as the map's sizes are what the kernel copies).
-    elem(map, key, value.as_ptr() as u64, flags)
-        .call(BPF_MAP_UPDATE_ELEM)
-        .map(drop)
-}
-
-/// Read `key` into `value` (`BPF_MAP_LOOKUP_ELEM`); `Ok(false)` when absent.
-pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-    match elem(map, key, value.as_mut_ptr() as u64, 0).call(BPF_MAP_LOOKUP_ELEM) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
+impl Map {
+    fn elem(
+        &self,
+        key: &[u8],
+        value: Option<usize>,
+        value_ptr: u64,
+        flags: u64,
+    ) -> io::Result<Attr> {
+        if key.len() != self.key_size || value.is_some_and(|n| n != self.value_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a map key or value of the wrong size",
+            ));
+        }
+        let mut a = Attr::new();
+        a.u32(0, self.fd.as_raw_fd() as u32)
+            .u64(8, key.as_ptr() as u64)
+            .u64(16, value_ptr)
+            .u64(24, flags);
+        Ok(a)
     }
-}
 
-/// Remove `key` (`BPF_MAP_DELETE_ELEM`); `Ok(false)` when it was absent.
-pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
-    match elem(map, key, 0, 0).call(BPF_MAP_DELETE_ELEM) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
+    /// Set `key` to `value` (`BPF_MAP_UPDATE_ELEM`). For a sockhash, `value`
+    /// is the socket's descriptor as a native `u64`.
+    pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+        self.elem(key, Some(value.len()), value.as_ptr() as u64, flags)?
+            .call(BPF_MAP_UPDATE_ELEM)
+            .map(drop)
+    }
+
+    /// Read `key` into `value` (`BPF_MAP_LOOKUP_ELEM`); `Ok(false)` when absent.
+    pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        let mut a = self.elem(key, Some(value.len()), value.as_mut_ptr() as u64, 0)?;
+        match a.call(BPF_MAP_LOOKUP_ELEM) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Remove `key` (`BPF_MAP_DELETE_ELEM`); `Ok(false)` when it was absent.
+    pub fn delete(&self, key: &[u8]) -> io::Result<bool> {
+        match self.elem(key, None, 0, 0)?.call(BPF_MAP_DELETE_ELEM) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -254,7 +289,6 @@ pub fn tcp_sent_baseline(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 fn tcp_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    // SAFETY of the zeroed value: tcp_info is plain integers.
     let mut info = zeroed_tcp_info();
     let len = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
     let need = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
@@ -283,5 +317,39 @@ fn tcp_outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n.max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer of the wrong size never reaches the kernel (it would read or
+    /// write past it).
+    #[test]
+    fn element_calls_refuse_buffers_of_the_wrong_size() {
+        let map = match map_create(MAP_HASH, 8, 16, 4, F_NO_PREALLOC, "sluice_test") {
+            Ok(map) => map,
+            Err(e) => {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "WARNING: BPF maps NOT TESTED here: {e}");
+                return;
+            }
+        };
+        let key = 7u64.to_ne_bytes();
+        let wrong =
+            |r: io::Result<bool>| matches!(r, Err(e) if e.kind() == io::ErrorKind::InvalidInput);
+        assert!(wrong(map.update(&key, &[0u8; 8], 0).map(|()| true)));
+        assert!(wrong(map.lookup(&key, &mut [0u8; 8])));
+        assert!(wrong(map.delete(&[0u8; 4])));
+        assert!(wrong(map.lookup(&[0u8; 16], &mut [0u8; 16])));
+        // The right sizes work.
+        let value = [9u8; 16];
+        map.update(&key, &value, NOEXIST).expect("insert");
+        let mut got = [0u8; 16];
+        assert!(map.lookup(&key, &mut got).expect("lookup"));
+        assert_eq!(got, value);
+        assert!(map.delete(&key).expect("delete"));
+        assert!(!map.lookup(&key, &mut got).expect("lookup after delete"));
     }
 }

@@ -67,11 +67,11 @@ const MAX_SOCKETS: u32 = 1 << 18;
 /// that asks for the fast path is set up; they go away with the process.
 pub struct Kernel {
     /// Socket cookie → [`Entry`].
-    state: OwnedFd,
+    state: bpf::Map,
     /// Socket cookie → socket: where the program sends data (no program of its own).
-    peers: OwnedFd,
+    peers: bpf::Map,
     /// Socket cookie → socket: the sockets whose data the program redirects.
-    verdict: OwnedFd,
+    verdict: bpf::Map,
     /// The stream-verdict program (attached to `verdict`).
     _program: OwnedFd,
 }
@@ -229,18 +229,14 @@ impl Kernel {
     fn set_entry(&self, cookie: u64, peer: u64) -> io::Result<()> {
         let mut value = [0u8; ENTRY_SIZE];
         value[..8].copy_from_slice(&peer.to_ne_bytes());
-        bpf::map_update(
-            self.state.as_fd(),
-            &cookie.to_ne_bytes(),
-            &value,
-            bpf::NOEXIST,
-        )
+        self.state
+            .update(&cookie.to_ne_bytes(), &value, bpf::NOEXIST)
     }
 
     /// The bytes the program moved from the socket `cookie` to its peer.
     fn moved(&self, cookie: u64) -> io::Result<u64> {
         let mut value = [0u8; ENTRY_SIZE];
-        if !bpf::map_lookup(self.state.as_fd(), &cookie.to_ne_bytes(), &mut value)? {
+        if !self.state.lookup(&cookie.to_ne_bytes(), &mut value)? {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 "fast path: a socket's counter is gone",
@@ -251,24 +247,19 @@ impl Kernel {
         Ok(u64::from_ne_bytes(bytes))
     }
 
-    fn insert(&self, map: &OwnedFd, cookie: u64, socket: BorrowedFd<'_>) -> io::Result<()> {
+    fn insert(&self, map: &bpf::Map, cookie: u64, socket: BorrowedFd<'_>) -> io::Result<()> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket) as u64;
-        bpf::map_update(
-            map.as_fd(),
-            &cookie.to_ne_bytes(),
-            &fd.to_ne_bytes(),
-            bpf::NOEXIST,
-        )
+        map.update(&cookie.to_ne_bytes(), &fd.to_ne_bytes(), bpf::NOEXIST)
     }
 
-    fn remove(&self, map: &OwnedFd, cookie: u64) {
+    fn remove(&self, map: &bpf::Map, cookie: u64) {
         // Absent already (a closed socket leaves its sockhashes by itself).
-        let _ = bpf::map_delete(map.as_fd(), &cookie.to_ne_bytes());
+        let _ = map.delete(&cookie.to_ne_bytes());
     }
 }
 
-fn fd_imm(fd: &OwnedFd) -> i32 {
-    std::os::fd::AsRawFd::as_raw_fd(fd)
+fn fd_imm(fd: &impl AsFd) -> i32 {
+    std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd())
 }
 
 static KERNEL: OnceLock<Result<Kernel, String>> = OnceLock::new();
@@ -599,7 +590,7 @@ impl<'a> Pair<'a> {
         Ok(p)
     }
 
-    fn map(&self, which: usize) -> &'static OwnedFd {
+    fn map(&self, which: usize) -> &'static bpf::Map {
         match which {
             STATE => &self.k.state,
             PEERS => &self.k.peers,
