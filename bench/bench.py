@@ -118,6 +118,8 @@ global
     maxconn {maxconn}
 defaults
     mode tcp
+    # Let HAProxy splice bulk transfers in the kernel, as sluice does.
+    option splice-auto
     timeout connect 2s
     timeout client 10m
     timeout server 10m
@@ -358,7 +360,7 @@ def machine():
         f"- machine: {os.cpu_count()} × {cpu}, {int(mem) // 1024 // 1024} GiB RAM, Linux {platform.release()}",
         f"- open-file limit per process: {soft} (hard {hard})",
         f"- sluice {commit}{' + uncommitted changes' if dirty else ''}, release build, `threads: 1`",
-        f"- {version(['haproxy', '-v'])} (`nbthread 1`)",
+        f"- {version(['haproxy', '-v'])} (`nbthread 1`, `option splice-auto`)",
         f"- {version(['nginx', '-v'])} stream module (`worker_processes 1`)",
         f"- {version(['redis-server', '--version'])}; {version(['iperf3', '--version'])}",
     ])

@@ -157,6 +157,20 @@ pub struct ListenerSettings {
     pub per_source: Option<edge::PerSource>,
     /// PROXY protocol headers required from trusted proxies.
     pub proxy_protocol: Option<edge::ProxyAccept>,
+    /// Move established connections' bytes inside the kernel (`fast_path`).
+    pub fast_path: FastPath,
+}
+
+/// The listener key `fast_path`: where an established connection's bytes move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FastPath {
+    /// In sluice's own relay (user space).
+    #[default]
+    Off,
+    /// In the kernel: a BPF sockhash redirects each socket's data to its
+    /// peer; falls back to `Off` where the kernel refuses BPF or fails
+    /// sluice's start-up checks (see `relay::sockmap`).
+    Sockmap,
 }
 
 /// How a pool spreads connections over its backends.
@@ -800,6 +814,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
             "deny",
             "per_source",
             "proxy_protocol",
+            "fast_path",
         ],
     )?;
 
@@ -866,6 +881,17 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
     let proxy_protocol = f
         .get("proxy_protocol")
         .and_then(|v| edge::proxy_accept(d, v, &f.path("proxy_protocol")));
+    // `off` is a string in YAML 1.2 and a boolean in 1.1: take both.
+    let fast_path = match f.get("fast_path") {
+        None | Some(Value::Bool(false)) => FastPath::Off,
+        Some(v) => d
+            .choice(
+                v,
+                &f.path("fast_path"),
+                &[("sockmap", FastPath::Sockmap), ("off", FastPath::Off)],
+            )
+            .unwrap_or_default(),
+    };
 
     if bind.is_empty() {
         return None;
@@ -881,6 +907,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         deny,
         per_source,
         proxy_protocol,
+        fast_path,
     })
 }
 

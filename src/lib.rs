@@ -13,7 +13,7 @@
 //! | [`handover`] | carrying the listening sockets to `sluice -u` on SIGQUIT, any number of them |
 //! | [`listener`] | one client: admission, backend connect with retries and passive health, relay |
 //! | [`loops`] | detecting sluice proxying to itself |
-//! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting |
+//! | [`relay`] | moving bytes both ways with half-close, idle timeout and byte counting, in sluice or (the `sockmap` fast path) in the kernel |
 //! | [`pool`] | backend state, serving set (active-active / active-passive), failover, picking |
 //! | [`health`] | background health checks with rise/fall and DNS re-resolution |
 //! | [`check`] | the check protocols: send/expect, HTTP, Redis, MySQL, PostgreSQL; backend roles |

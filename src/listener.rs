@@ -314,6 +314,9 @@ impl ListenerApp {
         limiter: Arc<SourceLimiter>,
     ) -> Self {
         let connect_timeout = pool.generation().settings.connect_timeout;
+        if settings.fast_path == crate::config::FastPath::Sockmap {
+            relay::sockmap::prepare();
+        }
         ListenerApp {
             name: settings.name.clone(),
             pool,
@@ -324,6 +327,7 @@ impl ListenerApp {
                 idle_timeout: settings.idle_timeout,
                 splice: settings.splice,
                 unused_window: connect_timeout.min(UNUSED_WINDOW_MAX),
+                fast_path: settings.fast_path,
             },
             metrics,
             no_backend_log: LogLimiter::new(),
@@ -550,12 +554,12 @@ impl ListenerApp {
             let up = Meter {
                 listener: &m.bytes_in,
                 backend: &backend.metrics.bytes_in,
-                spliced: &m.spliced,
+                relay: &m.relay,
             };
             let down = Meter {
                 listener: &m.bytes_out,
                 backend: &backend.metrics.bytes_out,
-                spliced: &m.spliced,
+                relay: &m.relay,
             };
             let abort = async move {
                 match closing {

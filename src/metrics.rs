@@ -103,6 +103,7 @@ pub struct Metrics {
     listener_rejected: IntCounterVec,
     listener_bytes: IntCounterVec,
     listener_spliced: IntCounterVec,
+    listener_relayed: IntCounterVec,
     connection_duration: HistogramVec,
     backend_up: IntGaugeVec,
     backend_active: IntGaugeVec,
@@ -150,8 +151,8 @@ pub struct ListenerMetrics {
     pub bytes_out: IntCounter,
     /// Lifetime of proxied connections.
     pub duration: Histogram,
-    /// Bytes relayed with `splice(2)`, both directions.
-    pub spliced: IntCounter,
+    /// Bytes relayed with `splice(2)` and connections on each relay path.
+    pub relay: crate::relay::RelayCounters,
 }
 
 /// Handles for one pool.
@@ -289,6 +290,12 @@ impl Metrics {
                 "sluice_listener_spliced_bytes_total",
                 "Bytes relayed with splice(2), never copied into user space; a part of sluice_listener_bytes_total.",
                 &["listener"],
+            ),
+            listener_relayed: counter(
+                &r,
+                "sluice_listener_relayed_connections_total",
+                "Connections relayed, by path: normal (in sluice) or sockmap (in the kernel, fast_path: sockmap).",
+                &["listener", "path"],
             ),
             connection_duration: histogram(
                 &r,
@@ -460,7 +467,11 @@ impl Metrics {
             bytes_in: self.listener_bytes.with_label_values(&[name, "in"]),
             bytes_out: self.listener_bytes.with_label_values(&[name, "out"]),
             duration: self.connection_duration.with_label_values(&[name]),
-            spliced: self.listener_spliced.with_label_values(&[name]),
+            relay: crate::relay::RelayCounters {
+                spliced: self.listener_spliced.with_label_values(&[name]),
+                normal: self.listener_relayed.with_label_values(&[name, "normal"]),
+                sockmap: self.listener_relayed.with_label_values(&[name, "sockmap"]),
+            },
         }
     }
 
@@ -527,6 +538,9 @@ impl Metrics {
             let _ = self.listener_bytes.remove_label_values(&[name, direction]);
         }
         let _ = self.listener_spliced.remove_label_values(&[name]);
+        for path in ["normal", "sockmap"] {
+            let _ = self.listener_relayed.remove_label_values(&[name, path]);
+        }
         let _ = self.connection_duration.remove_label_values(&[name]);
     }
 
@@ -577,6 +591,8 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        // Connections on the kernel path count their bytes in BPF maps.
+        crate::relay::sockmap::flush();
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

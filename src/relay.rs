@@ -14,7 +14,9 @@
 //! user space. Pipes and leftover buffers come from per-thread pools only
 //! while bytes move, so an idle connection holds none (see [`stage`]).
 
+pub mod bpf;
 pub mod socket;
+pub mod sockmap;
 pub mod stage;
 
 use std::future::{Future, poll_fn};
@@ -29,14 +31,28 @@ use tokio::time::Sleep;
 pub use socket::Socket;
 use stage::{Pass, Stage};
 
+pub use crate::config::FastPath;
+
 /// Counters that one direction's bytes are added to.
 pub struct Meter<'a> {
     /// The listener's counter.
     pub listener: &'a IntCounter,
     /// The backend's counter.
     pub backend: &'a IntCounter,
+    /// The listener's relay counters (bytes through pipes, connections on
+    /// each path).
+    pub relay: &'a RelayCounters,
+}
+
+/// A listener's counters of how its connections were relayed.
+#[derive(Clone, Debug)]
+pub struct RelayCounters {
     /// Bytes that went through a pipe (never copied into user space).
-    pub spliced: &'a IntCounter,
+    pub spliced: IntCounter,
+    /// Connections relayed in user space.
+    pub normal: IntCounter,
+    /// Connections relayed in the kernel (`fast_path: sockmap`).
+    pub sockmap: IntCounter,
 }
 
 impl Meter<'_> {
@@ -204,7 +220,7 @@ impl Direction {
                                     guard.clear_ready();
                                 }
                                 if piped {
-                                    meter.spliced.inc_by(n as u64);
+                                    meter.relay.spliced.inc_by(n as u64);
                                 }
                                 self.wrote(n, meter);
                                 *moved = true;
@@ -316,6 +332,8 @@ pub struct Options {
     /// backends close idle connections on purpose (Redis `timeout`, MySQL
     /// `wait_timeout`).
     pub unused_window: Duration,
+    /// Hand established connections to the kernel ([`sockmap`]) when it can.
+    pub fast_path: FastPath,
 }
 
 /// Relay between two TCP sockets until both directions end, one side fails,
@@ -329,6 +347,13 @@ pub async fn relay_tcp(
     abort: impl Future<Output = ()>,
 ) -> (End, Totals) {
     let mut abort = std::pin::pin!(abort);
+    if options.fast_path == FastPath::Sockmap {
+        match sockmap::relay(client, backend, options, &up, &down, abort.as_mut()).await {
+            Ok(ended) => return ended,
+            Err(refused) => log::debug!("fast path not taken, relaying in user space: {refused}"),
+        }
+    }
+    up.relay.normal.inc();
     let mut c2b = Direction::new(options.splice);
     let mut b2c = Direction::new(options.splice);
     let mut timer = options.idle_timeout.map(IdleTimer::new);

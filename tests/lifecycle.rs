@@ -16,12 +16,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn config(port: u16, backend: SocketAddr, grace: &str, timeout: &str) -> String {
+    config_with(port, backend, grace, timeout, "")
+}
+
+fn config_with(
+    port: u16,
+    backend: SocketAddr,
+    grace: &str,
+    timeout: &str,
+    listener: &str,
+) -> String {
     let pool = format!(
         "health_check: {{ interval: 200ms, timeout: 100ms, rise: 1, fall: 1 }}\nbackends: ['{backend}']"
     );
     format!(
         "server: {{ grace_period: {grace}, shutdown_timeout: {timeout} }}\n{}",
-        front_to_app(port, "", &pool)
+        front_to_app(port, listener, &pool)
     )
 }
 
@@ -34,9 +44,19 @@ async fn echo_once(c: &mut TcpStream, msg: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_open_connection_finish_then_exits_zero() {
+    // Both relay paths: the fast path where this kernel passes its checks.
+    for listener in ["", ", fast_path: sockmap"] {
+        open_connection_finishes(listener).await;
+    }
+}
+
+async fn open_connection_finishes(listener: &str) {
     let echo = Backend::start("echo", Behavior::Echo).await;
     let port = reserve_port();
-    let sluice = Sluice::start(&config(port, echo.addr, "500ms", "20s")).await;
+    let sluice = Sluice::start(&config_with(port, echo.addr, "500ms", "20s", listener)).await;
+    if !listener.is_empty() {
+        sluice.fast_path_verdict().await;
+    }
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     echo_once(&mut c, b"before").await;
 

@@ -126,6 +126,15 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         m.value("sluice_listener_spliced_bytes_total", &listener),
         0.0
     );
+    // The one connection took the normal relay (no `fast_path` asked).
+    for (path, want) in [("normal", 1.0), ("sockmap", 0.0)] {
+        let labels = [("listener", "front"), ("path", path)];
+        assert_eq!(
+            m.value("sluice_listener_relayed_connections_total", &labels),
+            want,
+            "{path}"
+        );
+    }
     assert_eq!(
         m.value("sluice_connection_duration_seconds_count", &listener),
         1.0
@@ -215,6 +224,7 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         "result",
         "to",
         "role",
+        "path",
         "version",
         "le",
         "endpoint",

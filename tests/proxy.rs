@@ -106,9 +106,18 @@ async fn exchange_backend(
     (addr, rx)
 }
 
-/// Listener settings for the two relay engines: splice (the default) and
-/// the buffer copy.
-const ENGINES: [&str; 2] = ["", ", splice: false"];
+/// Listener settings for the relay engines: splice (the default), the
+/// buffer copy, and the in-kernel fast path (which falls back to splice
+/// where the kernel fails its checks; [`start`] says so loudly).
+const ENGINES: [&str; 3] = ["", ", splice: false", ", fast_path: sockmap"];
+
+/// Start sluice; for the fast path, once its verdict on this kernel is in
+/// (whether it relays in the kernel).
+async fn start(yaml: &str, engine: &str) -> (Sluice, bool) {
+    let sluice = Sluice::start(yaml).await;
+    let in_kernel = engine.contains("sockmap") && sluice.fast_path_verdict().await;
+    (sluice, in_kernel)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact() {
@@ -126,7 +135,7 @@ async fn sixty_four_mib_each_way(
 ) {
     const LEN: usize = 64 << 20;
     let port = reserve_port();
-    let sluice = Sluice::start(&config(port, backend, engine)).await;
+    let (sluice, in_kernel) = start(&config(port, backend, engine), engine).await;
 
     let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (mut r, mut w) = c.into_split();
@@ -177,12 +186,23 @@ async fn sixty_four_mib_each_way(
         ),
         LEN as f64
     );
-    // The default engine splices bulk data; the copy engine never does.
+    // The default engine splices bulk data; the copy engine never does;
+    // the kernel path moves it without sluice.
     let spliced = m.value(
         "sluice_listener_spliced_bytes_total",
         &[("listener", "front")],
     );
-    if engine.is_empty() {
+    let relayed = |path| {
+        m.value(
+            "sluice_listener_relayed_connections_total",
+            &[("listener", "front"), ("path", path)],
+        )
+    };
+    let path = if in_kernel { "sockmap" } else { "normal" };
+    assert_eq!(relayed(path), 1.0, "the connection went the {path} path");
+    if in_kernel {
+        assert_eq!(spliced, 0.0, "the kernel moved the bytes");
+    } else if !engine.contains("splice: false") {
         assert!(
             spliced > LEN as f64,
             "most of 128 MiB went through pipes: {spliced}"
@@ -213,7 +233,7 @@ async fn half_closed_client_still_gets_the_whole_reply() {
     });
     for engine in ENGINES {
         let port = reserve_port();
-        let _sluice = Sluice::start(&config(port, backend, engine)).await;
+        let _sluice = start(&config(port, backend, engine), engine).await;
         let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         c.write_all(b"the whole request").await.unwrap();
         c.shutdown().await.unwrap();
@@ -233,7 +253,7 @@ async fn backend_closing_first_ends_the_connection_cleanly() {
     let named = Backend::start("bye", Behavior::Name).await;
     for engine in ENGINES {
         let port = reserve_port();
-        let sluice = Sluice::start(&config(port, named.addr, engine)).await;
+        let (sluice, _) = start(&config(port, named.addr, engine), engine).await;
         let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut got = String::new();
         tokio::time::timeout(DEADLINE, c.read_to_string(&mut got))
@@ -260,8 +280,15 @@ async fn backend_closing_first_ends_the_connection_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_busy_ones_are_not() {
     let echo = Backend::start("echo", Behavior::Echo).await;
+    for engine in ENGINES {
+        idle_closed_busy_kept(&echo, engine).await;
+    }
+}
+
+async fn idle_closed_busy_kept(echo: &Backend, engine: &str) {
     let port = reserve_port();
-    let _sluice = Sluice::start(&config(port, echo.addr, ", idle_timeout: 400ms")).await;
+    let listener = format!(", idle_timeout: 400ms{engine}");
+    let _sluice = start(&config(port, echo.addr, &listener), engine).await;
 
     let mut busy = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut idle = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -331,4 +358,49 @@ async fn max_connections_refuses_and_counts() {
     let mut b = [0u8; 2];
     c.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"ok");
+}
+
+/// `fast_path: sockmap` says once, in the log, whether this kernel keeps the
+/// relay's semantics, and the metrics say which path each connection took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_reports_its_verdict_once_and_counts_each_path() {
+    let echo = Backend::start("echo", Behavior::Echo).await;
+    let port = reserve_port();
+    let yaml = config(port, echo.addr, ", fast_path: sockmap");
+    let (sluice, in_kernel) = start(&yaml, ", fast_path: sockmap").await;
+    for round in 0..3 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let msg = format!("round {round}\n");
+        c.write_all(msg.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg.as_bytes());
+    }
+    let m = sluice.metrics().await;
+    let relayed = |path| {
+        m.value(
+            "sluice_listener_relayed_connections_total",
+            &[("listener", "front"), ("path", path)],
+        )
+    };
+    let (taken, other) = if in_kernel {
+        ("sockmap", "normal")
+    } else {
+        ("normal", "sockmap")
+    };
+    assert_eq!((relayed(taken), relayed(other)), (3.0, 0.0));
+    // Every byte counted on either path (the kernel's counters are read on scrape).
+    let bytes = |d| {
+        m.value(
+            "sluice_listener_bytes_total",
+            &[("listener", "front"), ("direction", d)],
+        )
+    };
+    assert_eq!((bytes("in"), bytes("out")), (24.0, 24.0));
+    let verdicts = sluice
+        .log()
+        .lines()
+        .filter(|l| l.contains("fast_path: sockmap"))
+        .count();
+    assert_eq!(verdicts, 1, "one line says why: {}", sluice.log());
 }

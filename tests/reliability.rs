@@ -154,24 +154,35 @@ async fn wait_closed(conns: Vec<TcpStream>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_backend_down_close_ends_sessions_within_fall_times_interval() {
+    // Both relay paths: the fast path where this kernel passes its checks
+    // (it says loudly when not).
+    for listener in ["", ", fast_path: sockmap"] {
+        backend_down_closes(listener).await;
+    }
+}
+
+async fn backend_down_closes(listener: &str) {
     let mut hung = Backend::start("hung", Behavior::Stream).await;
     let port = reserve_port();
-    let _sluice = Sluice::start(&front_to_app(
+    let sluice = Sluice::start(&front_to_app(
         port,
-        "",
+        listener,
         &format!(
             "on_backend_down: close\nhealth_check: {{ interval: 200ms, timeout: 100ms, fall: 2 }}\n{}",
             backends(&[hung.addr])
         ),
     ))
     .await;
+    if !listener.is_empty() {
+        sluice.fast_path_verdict().await;
+    }
     let held = hold(addr(port), 5).await;
     // The backend stops accepting (its checks fail) but keeps its sessions
     // open, like a hung server: sluice must close them itself.
     hung.stop_and_wait().await;
     let took = wait_closed(held).await;
     println!(
-        "on_backend_down: close: 5 sessions closed {took:?} after the backend stopped (fall 2 x interval 200ms)"
+        "on_backend_down: close{listener}: 5 sessions closed {took:?} after the backend stopped (fall 2 x interval 200ms)"
     );
     assert!(
         took < Duration::from_secs(3),

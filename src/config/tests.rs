@@ -762,3 +762,25 @@ fn the_admin_token_is_read_from_a_file_and_never_shown() {
     .join("\n");
     assert!(p.contains("admin.protect_reads: needs a token"), "{p}");
 }
+
+#[test]
+fn fast_path_is_off_unless_asked_and_a_wrong_value_is_named() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.listeners[0].fast_path, FastPath::Off);
+    for (value, want) in [
+        ("sockmap", FastPath::Sockmap),
+        ("off", FastPath::Off),
+        ("false", FastPath::Off),
+    ] {
+        let src = MINIMAL.replace("pool: app }", &format!("pool: app, fast_path: {value} }}"));
+        let c = Config::from_yaml(&src).unwrap();
+        assert_eq!(c.listeners[0].fast_path, want, "{value}");
+    }
+    let src = MINIMAL.replace("pool: app }", "pool: app, fast_path: sockmaps }");
+    let p = problems(&src);
+    assert!(
+        p.iter()
+            .any(|p| p.contains("listeners.web.fast_path") && p.contains("did you mean `sockmap`")),
+        "{p:?}"
+    );
+}

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -252,6 +253,29 @@ impl Sluice {
             self.log().contains(needle)
         })
         .await;
+    }
+
+    /// With a `fast_path: sockmap` listener: wait for sluice's verdict on
+    /// this kernel; whether it relays in the kernel. Says loudly when not.
+    pub async fn fast_path_verdict(&self) -> bool {
+        const PASSED: &str = "fast_path: sockmap passed its checks";
+        const REFUSED: &str = "fast_path: sockmap is not used on this machine";
+        wait_until("the fast path's verdict", || async {
+            let log = self.log();
+            log.contains(PASSED) || log.contains(REFUSED)
+        })
+        .await;
+        let log = self.log();
+        if log.contains(PASSED) {
+            return true;
+        }
+        let line = log.lines().find(|l| l.contains(REFUSED)).unwrap_or(REFUSED);
+        // Straight to stderr: the test harness hides eprintln! of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "WARNING: fast_path: sockmap NOT TESTED here (sluice fell back): {line}"
+        );
+        false
     }
 
     /// The process id.
