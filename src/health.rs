@@ -35,7 +35,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::check::{self, Role};
-use crate::config::CheckKind;
+use crate::config::{BackendTls, CheckKind};
 use crate::listener::LogLimiter;
 use crate::pool::{Backend, Pool};
 use crate::sys::lock;
@@ -213,7 +213,11 @@ impl HealthChecks {
                 .iter()
                 .map(|m| {
                     let kind = &hc.kind;
-                    async move { (&m.backend, check(&m.backend, kind, probe, hc.timeout).await) }
+                    let tls = generation.settings.tls.as_ref();
+                    async move {
+                        let result = check(&m.backend, kind, tls, probe, hc.timeout).await;
+                        (&m.backend, result)
+                    }
                 })
                 .collect();
             while let Some((backend, result)) = checks.next().await {
@@ -292,13 +296,23 @@ impl BackgroundService for HealthService {
 async fn check(
     b: &Backend,
     kind: &CheckKind,
+    tls: Option<&BackendTls>,
     tcp: &(dyn HealthCheck + Send + Sync),
     timeout: Duration,
 ) -> Result<(SocketAddr, Option<Role>), CheckError> {
     let attempt = async {
         let addr = resolve(b).await?;
         if *kind != CheckKind::Tcp {
-            return match check::probe(kind, addr, b.address.host()).await {
+            // A TLS pool's protocol checks run inside TLS, as its clients' traffic does.
+            let dial = tls.and_then(|t| {
+                Some(check::TlsDial {
+                    config: Arc::clone(&t.config),
+                    name: t.server_name(b.address.host())?,
+                })
+            });
+            let budget = check::Budget::new(check::READ_BUDGET);
+            let host = b.address.host();
+            return match check::probe_over(kind, addr, host, dial.as_ref(), &budget).await {
                 Ok(role) => Ok((addr, role)),
                 Err(e) if e.is_local() => Err(CheckError::Local(e.to_string())),
                 Err(e) => Err(CheckError::Probe(format!("{} check: {e}", kind.name()))),

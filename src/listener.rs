@@ -6,7 +6,9 @@
 //! done (see [`crate::relay`]). Failed connects count against the backend
 //! (passive health); a connect that fails for lack of local resources does
 //! not. Nothing here panics on network input; every refusal is counted and
-//! logged without flooding.
+//! logged without flooding. A TLS listener first hands the client to its
+//! [`Front`] (handshake or passthrough peek, and the pool its server name
+//! routes to); a TLS pool's connect includes the handshake to the backend.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +26,8 @@ use crate::metrics::{ConnectErrorKind, ListenerMetrics};
 use crate::pool::{Backend, CloseCause, Member, Pool};
 use crate::relay::socket::{self, Socket};
 use crate::relay::{self, End, Meter};
+use crate::tls::front::{Client, Front, PoolLookup};
+use crate::tls::upstream::{self, Upstream};
 
 /// Logs a repeated event at most once per interval, with a count of the rest.
 pub struct LogLimiter {
@@ -113,6 +117,8 @@ pub struct ListenerApp {
     no_backend_log: LogLimiter,
     limit_log: LogLimiter,
     loop_log: LogLimiter,
+    /// TLS termination or passthrough, with SNI routes.
+    tls: Option<Box<Front>>,
 }
 
 /// Counts a client in the listener's count and gauge until dropped.
@@ -202,7 +208,7 @@ enum Refusal {
 /// A backend connection ready for a session.
 struct Connected {
     member: Arc<Member>,
-    socket: Socket,
+    upstream: Upstream,
     /// Sees the pool close the backend's sessions, from before the connect.
     closing: Option<watch::Receiver<Option<CloseCause>>>,
     /// Registered while it lives when it leads back into sluice.
@@ -253,7 +259,17 @@ impl ListenerApp {
             no_backend_log: LogLimiter::new(),
             limit_log: LogLimiter::new(),
             loop_log: LogLimiter::new(),
+            tls: None,
         }
+    }
+
+    /// Serve TLS as `settings.tls` says, finding route pools with `pools`.
+    pub fn with_tls(mut self, settings: &ListenerSettings, pools: Option<&PoolLookup>) -> Self {
+        self.tls = settings
+            .tls
+            .as_ref()
+            .map(|tls| Box::new(Front::new(&self.name, tls, &self.metrics, pools)));
+        self
     }
 
     /// The listener's name.
@@ -301,13 +317,24 @@ impl ListenerApp {
             c.peer_addr().ok().zip(c.local_addr().ok())
         });
         if hops >= loops::MAX_HOPS {
-            self.refuse(Refusal::Loop);
+            self.refuse(Refusal::Loop, &self.pool);
             return;
         }
-        let generation = self.pool.generation();
+        // TLS listeners: the handshake (or passthrough's peek), and the
+        // pool the client's server name routes to.
+        let (client, routed) = match &self.tls {
+            None => (Client::Plain(client), None),
+            Some(front) => match Box::pin(front.accept(client, &self.pool)).await {
+                Some((client, pool)) => (client, Some(pool)),
+                None => return,
+            },
+        };
+        let mut client = client;
+        let pool = routed.as_ref().unwrap_or(&self.pool);
+        let generation = pool.generation();
         let needs_key = generation.needs_client_key();
         let client_addr = (needs_key || log::log_enabled!(log::Level::Debug))
-            .then(|| client.get_ref().peer_addr().ok())
+            .then(|| client.socket().get_ref().peer_addr().ok())
             .flatten();
         let key = match client_addr.filter(|_| needs_key) {
             Some(a) => ip_key(a),
@@ -319,16 +346,16 @@ impl ListenerApp {
         loop {
             // Boxed: the connect state is short-lived and must not size the
             // future every idle connection keeps.
-            let connected = match Box::pin(self.connect(&key, &mut attempts, hops)).await {
+            let connected = match Box::pin(self.connect(pool, &key, &mut attempts, hops)).await {
                 Ok(connected) => connected,
                 Err(refusal) => {
-                    self.refuse(refusal);
+                    self.refuse(refusal, pool);
                     return;
                 }
             };
             let Connected {
                 member,
-                socket: upstream,
+                mut upstream,
                 closing,
                 _into_sluice,
             } = connected;
@@ -353,15 +380,31 @@ impl ListenerApp {
                     None => std::future::pending().await,
                 }
             };
-            let (end, totals) =
-                relay::relay_tcp(&client, &upstream, self.relay, up, down, abort).await;
+            let (end, totals) = match (&mut client, &mut upstream) {
+                (Client::Plain(c), Upstream::Plain(u)) => {
+                    relay::relay_tcp(c, u, self.relay, up, down, abort).await
+                }
+                // TLS on either side. Boxed: plain connections must not
+                // carry its state.
+                (c, u) => {
+                    Box::pin(relay::stream::relay(
+                        &mut c.io(),
+                        &mut u.io(),
+                        self.relay,
+                        up,
+                        down,
+                        abort,
+                    ))
+                    .await
+                }
+            };
             if let End::Unused(e) = &end {
                 // The backend closed right after the connect, before the
                 // client sent a byte: the client never noticed, so another
                 // backend may take it. It was counted as a connection; the
                 // failure counts once per client for passive health.
                 if attempts.first_failure(backend) {
-                    self.pool.observe_connect(backend, false, e);
+                    pool.observe_connect(backend, false, e);
                 }
                 debug!(
                     "listener {}: {} closed the connection before the session began ({e}); trying another",
@@ -394,7 +437,7 @@ impl ListenerApp {
         }
     }
 
-    fn refuse(&self, refusal: Refusal) {
+    fn refuse(&self, refusal: Refusal, pool: &Pool) {
         match refusal {
             Refusal::NoBackend => {
                 self.metrics.rejected_no_backend.inc();
@@ -402,7 +445,7 @@ impl ListenerApp {
                     warn!(
                         "listener {}: no backend of pool {} accepted the connection; client refused{}",
                         self.name,
-                        self.pool.name,
+                        pool.name,
                         since_last(skipped)
                     );
                 }
@@ -414,7 +457,7 @@ impl ListenerApp {
                         "listener {}: a client came through sluice itself {} times: pool {} leads back to sluice (a proxy loop); refused{}",
                         self.name,
                         loops::MAX_HOPS,
-                        self.pool.name,
+                        pool.name,
                         since_last(skipped)
                     );
                 }
@@ -435,14 +478,18 @@ impl ListenerApp {
     /// Connect to a backend, trying candidates while `attempts` last.
     async fn connect(
         &self,
+        pool: &Pool,
         key: &[u8],
         attempts: &mut Attempts,
         hops: u8,
     ) -> Result<Connected, Refusal> {
-        let pool = &self.pool;
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
         let watch_closing = generation.closes_sessions();
+        let tls = generation.settings.tls.as_ref().map(|t| {
+            let config = Arc::clone(&t.config);
+            (config, t.sni.clone())
+        });
         drop(generation);
         while attempts.left > 0 {
             attempts.left -= 1;
@@ -470,8 +517,26 @@ impl ListenerApp {
                 }
                 Err(e) => Err((ConnectErrorKind::Other, e)),
             };
+            let connected = match (connected, &tls) {
+                (Ok(socket), None) => Ok(Upstream::Plain(socket)),
+                // A TLS pool: the connect includes the handshake.
+                (Ok(socket), Some((config, sni))) => {
+                    let host = sni.as_deref().unwrap_or(backend.address.host());
+                    match rustls::pki_types::ServerName::try_from(host.to_string()) {
+                        Ok(name) => {
+                            upstream::handshake(socket, Arc::clone(config), name, timeout).await
+                        }
+                        Err(e) => Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("`{host}` is not a TLS server name: {e}"),
+                        )),
+                    }
+                    .map_err(|e| (ConnectErrorKind::Tls, e))
+                }
+                (Err(e), _) => Err(e),
+            };
             match connected {
-                Ok(socket) => {
+                Ok(upstream) => {
                     backend
                         .metrics
                         .connect_duration
@@ -480,7 +545,7 @@ impl ListenerApp {
                     pool.observe_connect(backend, true, &"");
                     return Ok(Connected {
                         member,
-                        socket,
+                        upstream,
                         closing,
                         _into_sluice: registration,
                     });

@@ -16,6 +16,7 @@
 
 pub mod socket;
 pub mod stage;
+pub mod stream;
 
 use std::future::{Future, poll_fn};
 use std::io;

@@ -95,6 +95,8 @@ pub struct Traffic {
     closed: watch::Sender<bool>,
     /// Clients being served, per listener name.
     client_counts: Mutex<HashMap<String, Arc<AtomicI64>>>,
+    /// Finds the pools SNI routes name.
+    pool_lookup: OnceLock<crate::tls::front::PoolLookup>,
 }
 
 /// A listener's sockets, bound but not accepting yet.
@@ -124,7 +126,13 @@ impl Traffic {
             inherited: Mutex::new(HashMap::new()),
             closed: watch::Sender::new(false),
             client_counts: Mutex::new(HashMap::new()),
+            pool_lookup: OnceLock::new(),
         })
+    }
+
+    /// How listeners with SNI routes find the pools in force.
+    pub fn set_pool_lookup(&self, lookup: crate::tls::front::PoolLookup) {
+        let _ = self.pool_lookup.set(lookup);
     }
 
     /// Turns true once shutdown has stopped every accept loop: from then on
@@ -421,6 +429,7 @@ impl Traffic {
             self.metrics.listener(&settings.name),
             active,
         )
+        .with_tls(settings, self.pool_lookup.get())
     }
 
     /// Wait for the pool, then accept until stopped or shut down.
