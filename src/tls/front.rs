@@ -258,11 +258,14 @@ fn classify(e: &io::Error, hello: bool) -> Failure {
             | P::NoEcPointFormatsInCommon
             | P::UncompressedEcPointsRequired,
         )) => HandshakeResult::NoSharedCipher,
+        // A ClientHello without signature_algorithms comes from TLS 1.1
+        // or older.
         Some(Error::PeerIncompatible(
             P::Tls12NotOffered
             | P::Tls12NotOfferedOrEnabled
             | P::SupportedVersionsExtensionRequired
-            | P::ServerDoesNotSupportTls12Or13,
+            | P::ServerDoesNotSupportTls12Or13
+            | P::SignatureAlgorithmsExtensionRequired,
         )) => HandshakeResult::ProtocolVersion,
         Some(Error::NoCertificatesPresented | Error::InvalidCertificate(_)) => {
             HandshakeResult::BadCertificate
