@@ -785,3 +785,6 @@ pub fn uses_pool(listener: &ListenerSettings, pool: &str) -> bool {
             .as_ref()
             .is_some_and(|t| t.pools().any(|p| p == pool))
 }
+
+#[cfg(test)]
+mod tests;
