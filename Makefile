@@ -6,7 +6,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
 # The database servers: the role-aware health checks are tested against real ones
 # (started by the tests on loopback ports, never as system services).
-DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql
+# The TLS peers: curl, openssl s_client, redis-cli --tls and NGINX as an HTTPS
+# backend (run by the tests in the foreground, never as a service).
+DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql \
+	curl openssl nginx-light
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
@@ -69,8 +72,12 @@ lint:
 	@if $(CARGO) clippy --version >/dev/null 2>&1; then $(CARGO) clippy --locked --all-targets -- -D warnings; \
 	else echo "WARNING: clippy is not installed; skipping lints"; fi
 
+# Files with TLS are checked against test certificates made for the purpose.
 check-config: build
-	@for f in conf/*.yaml; do SLUICE_MYSQL_MONITOR_PASSWORD=x ./target/debug/sluice -t -c $$f >/dev/null && echo "ok  $$f" || exit 1; done
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; ./scripts/demo-certs.sh "$$tmp/tls" >/dev/null; \
+	for f in conf/*.yaml; do g=$$f; if grep -q /etc/sluice/tls $$f; then \
+	g="$$tmp/$$(basename $$f)"; sed "s|/etc/sluice/tls|$$tmp/tls|g" $$f > "$$g"; fi; \
+	SLUICE_MYSQL_MONITOR_PASSWORD=x ./target/debug/sluice -t -c "$$g" >/dev/null && echo "ok  $$f" || exit 1; done
 
 docker-build:
 	docker build -f docker/Dockerfile -t sluice:latest .
