@@ -89,7 +89,11 @@ fn every_shipped_configuration_is_valid() {
             let made = Command::new(script).arg(&dir).output().unwrap();
             assert!(made.status.success(), "{made:?}");
             let copy = certs.path().join(f.file_name().unwrap());
-            std::fs::write(&copy, text.replace("/etc/sluice/tls", dir.to_str().unwrap())).unwrap();
+            std::fs::write(
+                &copy,
+                text.replace("/etc/sluice/tls", dir.to_str().unwrap()),
+            )
+            .unwrap();
             copy
         } else {
             f.clone()

@@ -95,6 +95,27 @@ fn write_socket(s: &Socket, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result
     }
 }
 
+fn write_socket_vectored(
+    s: &Socket,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+    loop {
+        let mut guard = ready!(s.poll_write_ready(cx))?;
+        match guard.try_io(|inner| inner.get_ref().write_vectored(bufs)) {
+            Ok(Ok(n)) => {
+                if n < wanted {
+                    guard.clear_ready();
+                }
+                return Poll::Ready(Ok(n));
+            }
+            Ok(Err(e)) => return Poll::Ready(Err(e)),
+            Err(_would_block) => {}
+        }
+    }
+}
+
 fn shutdown_socket(s: &Socket) -> Poll<io::Result<()>> {
     Poll::Ready(match s.get_ref().shutdown(std::net::Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -119,6 +140,19 @@ impl AsyncWrite for TcpIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         write_socket(&self.0, cx, buf)
+    }
+
+    // rustls hands over its queued records together: one writev for them all.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        write_socket_vectored(&self.0, cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -41,7 +41,10 @@ fn a_terminating_listener_with_routes_decodes() {
     assert_eq!(l.pool, "app", "the default pool is the one waited for");
     let tls = l.tls.as_ref().unwrap();
     assert_eq!(tls.handshake_timeout, Duration::from_secs(3));
-    assert_eq!(tls.routes[0].sni, "db.example.com", "names are compared in lower case");
+    assert_eq!(
+        tls.routes[0].sni, "db.example.com",
+        "names are compared in lower case"
+    );
     assert_eq!(tls.default_pool.as_deref(), Some("app"));
     let TlsMode::Terminate(server) = &tls.mode else {
         panic!("terminate")
@@ -54,7 +57,11 @@ fn a_terminating_listener_with_routes_decodes() {
     // certificate does not.
     assert_eq!(Config::from_yaml(&yaml).unwrap(), c);
     files(dir.path(), "www", "www.example.com");
-    assert_ne!(Config::from_yaml(&yaml).unwrap(), c, "a renewed certificate is a change");
+    assert_ne!(
+        Config::from_yaml(&yaml).unwrap(),
+        c,
+        "a renewed certificate is a change"
+    );
 }
 
 #[test]
@@ -74,7 +81,10 @@ fn no_key_material_in_debug() {
         assert!(!shown.contains(&body[..40]), "key material in Debug");
     }
     assert!(!shown.contains("PRIVATE"));
-    assert!(shown.contains("www.key"), "the key's file name is shown: {shown}");
+    assert!(
+        shown.contains("www.key"),
+        "the key's file name is shown: {shown}"
+    );
 }
 
 #[test]
@@ -98,7 +108,13 @@ fn a_tls_pool_checks_with_a_handshake_unless_told_otherwise() {
         "listeners: { web: { bind: 127.0.0.1:8443, pool: app } }\n\
          pools: { app: { health_check: { kind: tls }, backends: ['127.0.0.1:80'] } }\n",
     );
-    assert!(has(&p, "pools.app.health_check.kind: `tls` handshakes with the backends: the pool needs tls"), "{p:?}");
+    assert!(
+        has(
+            &p,
+            "pools.app.health_check.kind: `tls` handshakes with the backends: the pool needs tls"
+        ),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -153,7 +169,9 @@ fn insecure_skip_verify_is_a_warning() {
     .unwrap();
     assert!(!c.pools[0].tls.as_ref().unwrap().verify);
     assert!(
-        c.warnings.iter().any(|w| w.contains("pools.app.tls: insecure_skip_verify")),
+        c.warnings
+            .iter()
+            .any(|w| w.contains("pools.app.tls: insecure_skip_verify")),
         "{:?}",
         c.warnings
     );
