@@ -62,7 +62,7 @@ TLS_PATHS = {
     "sluice": (17211, 17212, 17213),
 }
 HTTP_PORT = 15301
-BULK_BYTES = 2 << 30
+BULK_BYTES = 1 << 30
 
 
 def log(msg):
@@ -253,6 +253,10 @@ class Bench:
         (self.d / "www").mkdir(exist_ok=True)
         with open(self.d / "www" / "big", "wb") as f:
             f.truncate(BULK_BYTES)  # sparse: reads cost no disk
+        # NGINX's worker runs as nobody: it must reach the file.
+        for p in (self.d, self.d / "www"):
+            os.chmod(p, 0o755)
+        os.chmod(self.d / "www" / "big", 0o644)
         self.backends.append(Proc(["nginx", "-c", http_conf(self.d), "-g", "daemon off;"], "nginx"))
         for port in (*REDIS_PORTS, IPERF_PORT, HTTP_PORT):
             wait_port(port)
@@ -334,6 +338,8 @@ class Bench:
                              capture_output=True, text=True, timeout=300).stdout
         cpu = cpu_seconds(pids) - c0
         size, took = out.split()
+        if int(size) != BULK_BYTES:
+            raise RuntimeError(f"{path}: the TLS download got {size} of {BULK_BYTES} bytes")
         gbytes = int(size) / 1e9
         return {"gbps": gbytes * 8 / float(took), "cpu_per_gb": cpu / gbytes}
 
@@ -574,7 +580,7 @@ Notes:
   client connections are held open through it to redis, divided by that number; fresh proxy processes for each count.
 - Connection counts are capped by the open-file limit above: a proxy holds two descriptors per connection.
 - TLS lines (no direct path): `openssl s_time -new -tls1_3`, two at once, full handshakes (no resumption) with
-  X25519 key exchange; bulk is one `curl --tlsv1.3` download of a 2 GiB file from a plain NGINX HTTP backend through
+  X25519 key exchange; bulk is one `curl --tlsv1.3` download of a 1 GiB file from a plain NGINX HTTP backend through
   the terminating listener; idle TLS memory holds Python `ssl` connections with their handshake done.
 """
     Path(args.out).write_text(text)

@@ -304,12 +304,18 @@ async fn check(
         let addr = resolve(b).await?;
         if *kind != CheckKind::Tcp {
             // A TLS pool's protocol checks run inside TLS, as its clients' traffic does.
-            let dial = tls.and_then(|t| {
-                Some(check::TlsDial {
+            let dial = match tls {
+                None => None,
+                Some(t) => Some(check::TlsDial {
                     config: Arc::clone(&t.config),
-                    name: t.server_name(b.address.host())?,
-                })
-            });
+                    name: t.server_name(b.address.host()).ok_or_else(|| {
+                        CheckError::Probe(format!(
+                            "`{}` is not a TLS server name; set the pool's tls.sni",
+                            b.address.host()
+                        ))
+                    })?,
+                }),
+            };
             let budget = check::Budget::new(check::READ_BUDGET);
             let host = b.address.host();
             return match check::probe_over(kind, addr, host, dial.as_ref(), &budget).await {

@@ -322,14 +322,13 @@ impl ListenerApp {
         }
         // TLS listeners: the handshake (or passthrough's peek), and the
         // pool the client's server name routes to.
-        let (client, routed) = match &self.tls {
+        let (mut client, routed) = match &self.tls {
             None => (Client::Plain(client), None),
             Some(front) => match Box::pin(front.accept(client, &self.pool)).await {
                 Some((client, pool)) => (client, Some(pool)),
                 None => return,
             },
         };
-        let mut client = client;
         let pool = routed.as_ref().unwrap_or(&self.pool);
         let generation = pool.generation();
         let needs_key = generation.needs_client_key();
@@ -486,10 +485,7 @@ impl ListenerApp {
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
         let watch_closing = generation.closes_sessions();
-        let tls = generation.settings.tls.as_ref().map(|t| {
-            let config = Arc::clone(&t.config);
-            (config, t.sni.clone())
-        });
+        let tls = upstream::Dial::of(&generation.settings);
         drop(generation);
         while attempts.left > 0 {
             attempts.left -= 1;
@@ -517,23 +513,12 @@ impl ListenerApp {
                 }
                 Err(e) => Err((ConnectErrorKind::Other, e)),
             };
-            let connected = match (connected, &tls) {
-                (Ok(socket), None) => Ok(Upstream::Plain(socket)),
-                // A TLS pool: the connect includes the handshake.
-                (Ok(socket), Some((config, sni))) => {
-                    let host = sni.as_deref().unwrap_or(backend.address.host());
-                    match rustls::pki_types::ServerName::try_from(host.to_string()) {
-                        Ok(name) => {
-                            upstream::handshake(socket, Arc::clone(config), name, timeout).await
-                        }
-                        Err(e) => Err(io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            format!("`{host}` is not a TLS server name: {e}"),
-                        )),
-                    }
-                    .map_err(|e| (ConnectErrorKind::Tls, e))
-                }
-                (Err(e), _) => Err(e),
+            // A TLS pool: the connect includes the handshake.
+            let connected = match connected {
+                Ok(socket) => upstream::establish(socket, tls.as_ref(), &backend.address, timeout)
+                    .await
+                    .map_err(|e| (ConnectErrorKind::Tls, e)),
+                Err(e) => Err(e),
             };
             match connected {
                 Ok(upstream) => {

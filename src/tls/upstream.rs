@@ -10,6 +10,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::config::{HostPort, PoolSettings};
 use crate::relay::Socket;
 use crate::relay::stream::{Io, TcpIo};
 
@@ -41,6 +42,44 @@ impl Upstream {
             Upstream::Tls(t) => Io::Client(t),
         }
     }
+}
+
+/// A pool's TLS, as its connects need it.
+#[derive(Clone)]
+pub struct Dial {
+    config: Arc<ClientConfig>,
+    sni: Option<String>,
+}
+
+impl Dial {
+    /// The TLS of the pool `settings`, if it has any.
+    pub fn of(settings: &PoolSettings) -> Option<Dial> {
+        settings.tls.as_ref().map(|t| Dial {
+            config: Arc::clone(&t.config),
+            sni: t.sni.clone(),
+        })
+    }
+}
+
+/// The connection to `backend` on `socket`: plain without `dial`, else
+/// after a TLS handshake within `timeout` (as `sni`, or the backend's host).
+pub async fn establish(
+    socket: Socket,
+    dial: Option<&Dial>,
+    backend: &HostPort,
+    timeout: Duration,
+) -> io::Result<Upstream> {
+    let Some(dial) = dial else {
+        return Ok(Upstream::Plain(socket));
+    };
+    let host = dial.sni.as_deref().unwrap_or(backend.host());
+    let name = ServerName::try_from(host.to_string()).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`{host}` is not a TLS server name ({e}); set the pool's tls.sni"),
+        )
+    })?;
+    handshake(socket, Arc::clone(&dial.config), name, timeout).await
 }
 
 /// Handshake with the backend on `socket` as `name`, within `timeout`.
