@@ -25,8 +25,9 @@ use crate::loops;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
 use crate::pool::{Backend, CloseCause, Member, Pool};
 use crate::relay::socket::{self, Socket};
+use crate::relay::stream::Io;
 use crate::relay::{self, End, Meter};
-use crate::tls::front::{Client, Front, PoolLookup};
+use crate::tls::front::{Front, PoolLookup};
 use crate::tls::upstream::{self, Upstream};
 
 /// Logs a repeated event at most once per interval, with a count of the rest.
@@ -322,18 +323,18 @@ impl ListenerApp {
         }
         // TLS listeners: the handshake (or passthrough's peek), and the
         // pool the client's server name routes to.
-        let (mut client, routed) = match &self.tls {
-            None => (Client::Plain(client), None),
-            Some(front) => match Box::pin(front.accept(client, &self.pool)).await {
-                Some((client, pool)) => (client, Some(pool)),
+        // Boxed: plain clients must not carry its state.
+        let (mut tls, pool) = match &self.tls {
+            None => (None, Arc::clone(&self.pool)),
+            Some(front) => match Box::pin(front.accept(&client, &self.pool)).await {
+                Some(accepted) => accepted,
                 None => return,
             },
         };
-        let pool = routed.as_ref().unwrap_or(&self.pool);
         let generation = pool.generation();
         let needs_key = generation.needs_client_key();
         let client_addr = (needs_key || log::log_enabled!(log::Level::Debug))
-            .then(|| client.socket().get_ref().peer_addr().ok())
+            .then(|| client.get_ref().peer_addr().ok())
             .flatten();
         let key = match client_addr.filter(|_| needs_key) {
             Some(a) => ip_key(a),
@@ -345,10 +346,10 @@ impl ListenerApp {
         loop {
             // Boxed: the connect state is short-lived and must not size the
             // future every idle connection keeps.
-            let connected = match Box::pin(self.connect(pool, &key, &mut attempts, hops)).await {
+            let connected = match Box::pin(self.connect(&pool, &key, &mut attempts, hops)).await {
                 Ok(connected) => connected,
                 Err(refusal) => {
-                    self.refuse(refusal, pool);
+                    self.refuse(refusal, &pool);
                     return;
                 }
             };
@@ -379,20 +380,19 @@ impl ListenerApp {
                     None => std::future::pending().await,
                 }
             };
-            let (end, totals) = match (&mut client, &mut upstream) {
-                (Client::Plain(c), Upstream::Plain(u)) => {
-                    relay::relay_tcp(c, u, self.relay, up, down, abort).await
+            let (end, totals) = match (&mut tls, &mut upstream) {
+                (None, Upstream::Plain(u)) => {
+                    relay::relay_tcp(&client, u, self.relay, up, down, abort).await
                 }
-                // TLS on either side. Boxed: plain connections must not
-                // carry its state.
-                (c, u) => {
+                // TLS on either side. Boxed: plain sessions must not carry its state.
+                (tls, u) => {
+                    let mut c = match tls {
+                        Some(t) => Io::Stream(&mut **t),
+                        None => Io::Tcp(&client),
+                    };
+                    let mut u = u.io();
                     Box::pin(relay::stream::relay(
-                        &mut c.io(),
-                        &mut u.io(),
-                        self.relay,
-                        up,
-                        down,
-                        abort,
+                        &mut c, &mut u, self.relay, up, down, abort,
                     ))
                     .await
                 }

@@ -135,18 +135,17 @@ async fn curl_gets_https_from_a_plain_http_backend() {
     // ALPN: the listener's protocol is chosen; a client with none in
     // common is refused and counted.
     let alpn = |offer: &str| {
-        let args = format!(
+        format!(
             "s_client -connect 127.0.0.1:{port} -servername www.example.com -CAfile {} -alpn {offer}",
             pki.ca()
-        );
-        run(
-            "openssl",
-            &args.split(' ').map(String::from).collect::<Vec<_>>(),
         )
+        .split(' ')
+        .map(String::from)
+        .collect::<Vec<_>>()
     };
-    let r = alpn("h2,http/1.1").await;
+    let r = run("openssl", &alpn("h2,http/1.1")).await;
     assert!(r.out.contains("ALPN protocol: http/1.1"), "{r:?}");
-    let r = alpn("h2").await;
+    let r = run("openssl", &alpn("h2")).await;
     assert!(!r.out.contains("ALPN protocol"), "{r:?}");
     wait_count(&sluice, "front", "no_alpn", 1.0).await;
     // A plain request to the TLS port is refused and counted.

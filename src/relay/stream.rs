@@ -123,6 +123,51 @@ fn shutdown_socket(s: &Socket) -> Poll<io::Result<()>> {
     })
 }
 
+/// A registered socket, borrowed, as a tokio stream: the transport under a
+/// client's TLS, which leaves the socket where the session keeps it.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpRef<'a>(pub &'a Socket);
+
+impl AsyncRead for TcpRef<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        read_socket(self.0, cx, buf)
+    }
+}
+
+impl AsyncWrite for TcpRef<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        write_socket(self.0, cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        write_socket_vectored(self.0, cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        shutdown_socket(self.0)
+    }
+}
+
 impl AsyncRead for TcpIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -164,14 +209,17 @@ impl AsyncWrite for TcpIo {
     }
 }
 
+/// A byte stream the relay can drive (a TLS stream over a socket).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 /// One side of a relay: a plain socket, or a TLS stream over one.
 pub enum Io<'a> {
     /// A plain socket.
     Tcp(&'a Socket),
-    /// A client's TLS, terminated here.
-    Server(&'a mut tokio_rustls::server::TlsStream<TcpIo>),
-    /// TLS to a backend.
-    Client(&'a mut tokio_rustls::client::TlsStream<TcpIo>),
+    /// A TLS stream (terminated here, or opened to a backend).
+    Stream(&'a mut (dyn Stream + 'a)),
 }
 
 impl AsyncRead for Io<'_> {
@@ -182,8 +230,7 @@ impl AsyncRead for Io<'_> {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(s) => read_socket(s, cx, buf),
-            Io::Server(s) => Pin::new(&mut **s).poll_read(cx, buf),
-            Io::Client(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Io::Stream(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -196,24 +243,21 @@ impl AsyncWrite for Io<'_> {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Tcp(s) => write_socket(s, cx, buf),
-            Io::Server(s) => Pin::new(&mut **s).poll_write(cx, buf),
-            Io::Client(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Io::Stream(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(_) => Poll::Ready(Ok(())),
-            Io::Server(s) => Pin::new(&mut **s).poll_flush(cx),
-            Io::Client(s) => Pin::new(&mut **s).poll_flush(cx),
+            Io::Stream(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(s) => shutdown_socket(s),
-            Io::Server(s) => Pin::new(&mut **s).poll_shutdown(cx),
-            Io::Client(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Io::Stream(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

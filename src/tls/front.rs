@@ -25,36 +25,13 @@ use crate::listener::LogLimiter;
 use crate::metrics::{HandshakeResult, ListenerMetrics, TlsMetrics};
 use crate::pool::Pool;
 use crate::relay::Socket;
-use crate::relay::stream::{Io, TcpIo};
+use crate::relay::stream::TcpRef;
 
 /// Finds a pool by name (the pools in force).
 pub type PoolLookup = Arc<dyn Fn(&str) -> Option<Arc<Pool>> + Send + Sync>;
 
-/// A client after [`Front::accept`].
-pub enum Client {
-    /// The socket as accepted (passthrough: the ClientHello still queued).
-    Plain(Socket),
-    /// A TLS stream terminated here.
-    Tls(Box<TlsStream<TcpIo>>),
-}
-
-impl Client {
-    /// The TCP socket underneath.
-    pub fn socket(&self) -> &Socket {
-        match self {
-            Client::Plain(s) => s,
-            Client::Tls(t) => t.get_ref().0.socket(),
-        }
-    }
-
-    /// The client as one side of a relay.
-    pub fn io(&mut self) -> Io<'_> {
-        match self {
-            Client::Plain(s) => Io::Tcp(s),
-            Client::Tls(t) => Io::Server(t),
-        }
-    }
-}
+/// A client's TLS, terminated here, over its socket (which the session keeps).
+pub type ClientTls<'a> = TlsStream<TcpRef<'a>>;
 
 enum Mode {
     Terminate(Arc<ServerConfig>),
@@ -157,13 +134,14 @@ impl Front {
     }
 
     /// Handshake with (or peek at) the client on `socket`, and pick its
-    /// pool (`listener_pool` without routes). `None`: the client failed,
-    /// was counted and is closed.
-    pub async fn accept(
+    /// pool (`listener_pool` without routes): the TLS stream (none for
+    /// passthrough, whose bytes stay queued on the socket) and the pool.
+    /// `None`: the client failed, was counted, and is to be closed.
+    pub async fn accept<'a>(
         &self,
-        socket: Socket,
+        socket: &'a Socket,
         listener_pool: &Arc<Pool>,
-    ) -> Option<(Client, Arc<Pool>)> {
+    ) -> Option<(Option<Box<ClientTls<'a>>>, Arc<Pool>)> {
         let started = Instant::now();
         let peer = log::log_enabled!(log::Level::Debug)
             .then(|| socket.get_ref().peer_addr().ok())
@@ -171,7 +149,7 @@ impl Front {
         let work = async {
             match &self.mode {
                 Mode::Passthrough => {
-                    let name = hello::peek(&socket).await.map_err(|e| match e {
+                    let name = hello::peek(socket).await.map_err(|e| match e {
                         HelloError::NotTls(_) => {
                             Failure::new(HandshakeResult::NotTls, e.to_string())
                         }
@@ -179,10 +157,10 @@ impl Front {
                         HelloError::Io(e) => Failure::new(HandshakeResult::Closed, e.to_string()),
                     })?;
                     let pool = self.route(name.as_deref(), listener_pool)?;
-                    Ok((Client::Plain(socket), pool))
+                    Ok((None, pool))
                 }
                 Mode::Terminate(config) => {
-                    let lazy = LazyConfigAcceptor::new(Acceptor::default(), TcpIo(socket));
+                    let lazy = LazyConfigAcceptor::new(Acceptor::default(), TcpRef(socket));
                     let start = lazy.await.map_err(|e| classify(&e, true))?;
                     let pool = self.route(start.client_hello().server_name(), listener_pool)?;
                     let stream = start
@@ -191,7 +169,7 @@ impl Front {
                         })
                         .await
                         .map_err(|e| classify(&e, false))?;
-                    Ok((Client::Tls(Box::new(stream)), pool))
+                    Ok((Some(Box::new(stream)), pool))
                 }
             }
         };

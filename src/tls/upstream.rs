@@ -39,7 +39,7 @@ impl Upstream {
     pub fn io(&mut self) -> Io<'_> {
         match self {
             Upstream::Plain(s) => Io::Tcp(s),
-            Upstream::Tls(t) => Io::Client(t),
+            Upstream::Tls(t) => Io::Stream(&mut **t),
         }
     }
 }

@@ -106,7 +106,7 @@ async fn terminating_relay(
     let task = tokio::spawn(async move {
         let (up, down, other) = (counter(), counter(), counter());
         let (end, totals) = relay(
-            &mut Io::Server(&mut proxy_client),
+            &mut Io::Stream(&mut proxy_client),
             &mut Io::Tcp(&proxy_backend),
             options,
             Meter {
@@ -287,8 +287,8 @@ async fn tls_on_both_sides() {
     let relay = tokio::spawn(async move {
         let c = counter();
         relay(
-            &mut Io::Server(&mut proxy_client),
-            &mut Io::Client(&mut proxy_backend),
+            &mut Io::Stream(&mut proxy_client),
+            &mut Io::Stream(&mut proxy_backend),
             options(),
             Meter {
                 listener: &c,
