@@ -19,7 +19,7 @@ help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
 	@echo "make test     lint and run every test (unit + integration over real sockets)"
 	@echo "make fuzz     the health-check fuzz targets at length (FUZZ_CASES per target, default 3000; a few minutes)"
-	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~12 min)"
+	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~15 min)"
 	@echo "make soak     minutes of load with churn, reloads and restarts; RSS and fds must stay flat (SOAK_SECS, default 300)"
 	@echo "make release  build target/release/sluice"
 	@echo "make deps     install the Debian packages the build and tests need"
