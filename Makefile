@@ -6,7 +6,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
 # The database servers: the role-aware health checks are tested against real ones
 # (started by the tests on loopback ports, never as system services).
-DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql haproxy nginx-light libnginx-mod-stream
+# The TLS peers: curl, openssl s_client, redis-cli --tls and NGINX as an HTTPS
+# backend; HAProxy and NGINX (with its stream module) as PROXY protocol peers
+# (all run by the tests in the foreground, never as a service).
+DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql \
+	curl openssl haproxy nginx-light libnginx-mod-stream
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
 
@@ -16,7 +20,7 @@ help:
 	@echo "make run      start the demo: sluice + three demo backends on 127.0.0.1"
 	@echo "make test     lint and run every test (unit + integration over real sockets)"
 	@echo "make fuzz     the health-check fuzz targets at length (FUZZ_CASES per target, default 3000; a few minutes)"
-	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~12 min)"
+	@echo "make bench    sluice vs HAProxy vs NGINX stream on loopback; writes bench/RESULTS.md (~15 min)"
 	@echo "make soak     minutes of load with churn, reloads and restarts; RSS and fds must stay flat (SOAK_SECS, default 300)"
 	@echo "make release  build target/release/sluice"
 	@echo "make image    build the container image sluice:latest (Docker; base images made locally when missing)"
@@ -85,8 +89,12 @@ lint:
 	@if $(CARGO) clippy --version >/dev/null 2>&1; then $(CARGO) clippy --locked --all-targets -- -D warnings; \
 	else echo "WARNING: clippy is not installed; skipping lints"; fi
 
+# Files with TLS are checked against test certificates made for the purpose.
 check-config: build
-	@for f in conf/*.yaml; do SLUICE_MYSQL_MONITOR_PASSWORD=x ./target/debug/sluice -t -c $$f >/dev/null && echo "ok  $$f" || exit 1; done
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; ./scripts/demo-certs.sh "$$tmp/tls" >/dev/null; \
+	for f in conf/*.yaml; do g=$$f; if grep -q /etc/sluice/tls $$f; then \
+	g="$$tmp/$$(basename $$f)"; sed "s|/etc/sluice/tls|$$tmp/tls|g" $$f > "$$g"; fi; \
+	SLUICE_MYSQL_MONITOR_PASSWORD=x ./target/debug/sluice -t -c "$$g" >/dev/null && echo "ok  $$f" || exit 1; done
 
 # --- containers (README "Container", "High availability") ---------------
 # Base images: made from Debian's packages when missing (no registry here);

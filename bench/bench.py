@@ -13,6 +13,11 @@ Workloads (two redis backends where the workload allows, one iperf3 server):
   - proxy CPU seconds per GB relayed and per million requests (/proc/PID/stat)
   - RSS growth per idle proxied connection at several connection counts
   - request rate at several client counts
+  - TLS termination (HAProxy `ssl`, NGINX stream `ssl`, sluice `tls`; no direct
+    path): new TLS 1.3 handshakes per second with an ECDSA P-256 and an RSA 2048
+    certificate (`openssl s_time -new`, two clients at once), bulk download
+    through termination from a plain HTTP backend (curl, 1 stream) with the
+    proxy's CPU per GB, and RSS growth per idle TLS connection
 
 Run through `make bench`, which installs the packages and builds sluice.
 """
@@ -50,6 +55,14 @@ PATHS = {
 }
 PEERS = ("haproxy", "nginx")
 SLUICE_ADMIN = 17209
+# TLS listeners per proxy: (ECDSA to redis, RSA to redis, ECDSA to the HTTP backend).
+TLS_PATHS = {
+    "haproxy": (17011, 17012, 17013),
+    "nginx": (17111, 17112, 17113),
+    "sluice": (17211, 17212, 17213),
+}
+HTTP_PORT = 15301
+BULK_BYTES = 1 << 30
 
 
 def log(msg):
@@ -111,11 +124,26 @@ def write(path, text):
     return str(path)
 
 
+def make_certs(d):
+    """A self-signed ECDSA P-256 and RSA 2048 certificate for bench.example.com."""
+    for kind, args in (("ecdsa", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+                       ("rsa", ["-newkey", "rsa:2048"])):
+        subprocess.run(["openssl", "req", "-x509", *args, "-nodes", "-days", "2", "-subj", "/CN=bench.example.com",
+                        "-addext", "subjectAltName=DNS:bench.example.com",
+                        "-keyout", str(d / f"{kind}.key"), "-out", str(d / f"{kind}.pem")],
+                       check=True, capture_output=True)
+        # HAProxy takes the chain and the key in one file.
+        (d / f"{kind}.both").write_text((d / f"{kind}.pem").read_text() + (d / f"{kind}.key").read_text())
+
+
 def haproxy_conf(d, maxconn):
+    t = TLS_PATHS["haproxy"]
     return write(d / "haproxy.cfg", f"""
 global
     nbthread 1
     maxconn {maxconn}
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    tune.ssl.default-dh-param 2048
 defaults
     mode tcp
     # Let HAProxy splice bulk transfers in the kernel, as sluice does.
@@ -135,6 +163,17 @@ frontend iperf
     default_backend iperf
 backend iperf
     server i1 127.0.0.1:{IPERF_PORT} check inter 2s
+frontend tls_ecdsa
+    bind 127.0.0.1:{t[0]} ssl crt {d}/ecdsa.both
+    default_backend redis
+frontend tls_rsa
+    bind 127.0.0.1:{t[1]} ssl crt {d}/rsa.both
+    default_backend redis
+frontend tls_bulk
+    bind 127.0.0.1:{t[2]} ssl crt {d}/ecdsa.both
+    default_backend http
+backend http
+    server h1 127.0.0.1:{HTTP_PORT} check inter 2s
 """)
 
 
@@ -151,6 +190,28 @@ stream {{
     upstream iperf {{ server 127.0.0.1:{IPERF_PORT}; }}
     server {{ listen 127.0.0.1:{PATHS['nginx'][0]}; proxy_pass redis; proxy_timeout 10m; }}
     server {{ listen 127.0.0.1:{PATHS['nginx'][1]}; proxy_pass iperf; proxy_timeout 10m; }}
+    ssl_protocols TLSv1.2 TLSv1.3;
+    server {{ listen 127.0.0.1:{TLS_PATHS['nginx'][0]} ssl; ssl_certificate {d}/ecdsa.pem;
+             ssl_certificate_key {d}/ecdsa.key; proxy_pass redis; proxy_timeout 10m; }}
+    server {{ listen 127.0.0.1:{TLS_PATHS['nginx'][1]} ssl; ssl_certificate {d}/rsa.pem;
+             ssl_certificate_key {d}/rsa.key; proxy_pass redis; proxy_timeout 10m; }}
+    server {{ listen 127.0.0.1:{TLS_PATHS['nginx'][2]} ssl; ssl_certificate {d}/ecdsa.pem;
+             ssl_certificate_key {d}/ecdsa.key; proxy_pass 127.0.0.1:{HTTP_PORT}; proxy_timeout 10m; }}
+}}
+""")
+
+
+def http_conf(d):
+    """The plain HTTP backend of the bulk TLS line: NGINX serving one large file."""
+    return write(d / "http.conf", f"""
+worker_processes 1;
+pid {d}/http.pid;
+error_log {d}/http-error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    server {{ listen 127.0.0.1:{HTTP_PORT}; root {d}/www; }}
 }}
 """)
 
@@ -162,9 +223,16 @@ admin: {{ bind: 127.0.0.1:{SLUICE_ADMIN} }}
 listeners:
   redis: {{ bind: 127.0.0.1:{PATHS['sluice'][0]}, pool: redis, idle_timeout: 10m }}
   iperf: {{ bind: 127.0.0.1:{PATHS['sluice'][1]}, pool: iperf, idle_timeout: 10m }}
+  tls_ecdsa: {{ bind: 127.0.0.1:{TLS_PATHS['sluice'][0]}, pool: redis, idle_timeout: 10m,
+               tls: {{ cert: {d}/ecdsa.pem, key: {d}/ecdsa.key }} }}
+  tls_rsa: {{ bind: 127.0.0.1:{TLS_PATHS['sluice'][1]}, pool: redis, idle_timeout: 10m,
+             tls: {{ cert: {d}/rsa.pem, key: {d}/rsa.key }} }}
+  tls_bulk: {{ bind: 127.0.0.1:{TLS_PATHS['sluice'][2]}, pool: http, idle_timeout: 10m,
+              tls: {{ cert: {d}/ecdsa.pem, key: {d}/ecdsa.key }} }}
 pools:
   redis: {{ backends: [127.0.0.1:{REDIS_PORTS[0]}, 127.0.0.1:{REDIS_PORTS[1]}] }}
   iperf: {{ backends: [127.0.0.1:{IPERF_PORT}] }}
+  http: {{ backends: [127.0.0.1:{HTTP_PORT}] }}
 """)
 
 
@@ -183,7 +251,16 @@ class Bench:
                                        "--appendonly", "no", "--maxclients", "19000", "--protected-mode", "no"],
                                       "redis"))
         self.backends.append(Proc(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT)], "iperf3"))
-        for port in (*REDIS_PORTS, IPERF_PORT):
+        make_certs(self.d)
+        (self.d / "www").mkdir(exist_ok=True)
+        with open(self.d / "www" / "big", "wb") as f:
+            f.truncate(BULK_BYTES)  # sparse: reads cost no disk
+        # NGINX's worker runs as nobody: it must reach the file.
+        for p in (self.d, self.d / "www"):
+            os.chmod(p, 0o755)
+        os.chmod(self.d / "www" / "big", 0o644)
+        self.backends.append(Proc(["nginx", "-c", http_conf(self.d), "-g", "daemon off;"], "nginx"))
+        for port in (*REDIS_PORTS, IPERF_PORT, HTTP_PORT):
             wait_port(port)
 
     def start_proxies(self):
@@ -194,7 +271,7 @@ class Bench:
             "sluice": Proc([str(SLUICE), "-c", sluice_conf(self.d)], "sluice", env={**os.environ, "RUST_LOG": "warn"}),
         }
         for name in self.proxies:
-            for port in PATHS[name]:
+            for port in (*PATHS[name], *TLS_PATHS[name]):
                 wait_port(port)
         time.sleep(0.5)  # let NGINX fork its worker and every health check settle
 
@@ -236,6 +313,61 @@ class Bench:
         return {"gbps": received["bits_per_second"] / 1e9,
                 "cpu_per_gb": cpu / gbytes if cpu is not None else None}
 
+    def handshakes(self, path, kind, seconds, clients=2):
+        """New TLS 1.3 handshakes per second: `clients` openssl s_time processes at once."""
+        port = TLS_PATHS[path][0 if kind == "ecdsa" else 1]
+        argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-tls1_3", "-time", str(seconds)]
+        pids = self.pids(path)
+        c0 = cpu_seconds(pids)
+        runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                for _ in range(clients)]
+        total = 0.0
+        for r in runs:
+            out = r.communicate(timeout=seconds + 60)[0]
+            # "N connections in T real seconds, B bytes read per connection"
+            line = next(l for l in out.splitlines() if "connections in" in l and "real seconds" in l)
+            n, _, _, t = line.split()[:4]
+            total += int(n) / float(t)
+        cpu = cpu_seconds(pids) - c0
+        return {"rate": total, "cpu_per_k": cpu / (total * seconds) * 1000 if total else None}
+
+    def tls_bulk(self, path):
+        """One HTTPS download of the backend's large file through termination."""
+        pids = self.pids(path)
+        c0 = cpu_seconds(pids)
+        out = subprocess.run(["curl", "-sS", "-k", "--tlsv1.3", "-o", "/dev/null", "-w", "%{size_download} %{time_total}",
+                              f"https://127.0.0.1:{TLS_PATHS[path][2]}/big"],
+                             capture_output=True, text=True, timeout=300).stdout
+        cpu = cpu_seconds(pids) - c0
+        size, took = out.split()
+        if int(size) != BULK_BYTES:
+            raise RuntimeError(f"{path}: the TLS download got {size} of {BULK_BYTES} bytes")
+        gbytes = int(size) / 1e9
+        return {"gbps": gbytes * 8 / float(took), "cpu_per_gb": cpu / gbytes}
+
+    def idle_tls_memory(self, path, count):
+        """RSS growth of the proxy per idle TLS connection (handshake done) held through it."""
+        import ssl
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        pids = self.pids(path)
+        before = rss_bytes(pids)
+        socks = []
+        try:
+            for _ in range(count):
+                raw = socket.create_connection(("127.0.0.1", TLS_PATHS[path][0]))
+                socks.append(ctx.wrap_socket(raw, server_hostname="bench.example.com"))
+            socks[-1].sendall(b"PING\r\n")
+            socks[-1].recv(16)
+            time.sleep(1.0)
+            after = rss_bytes(pids)
+        finally:
+            for s in socks:
+                s.close()
+        return (after - before) / count
+
     def idle_memory(self, path, count):
         """RSS growth of the proxy per idle connection held through it."""
         pids = self.pids(path)
@@ -258,6 +390,49 @@ class Bench:
 
     # --- the run ----------------------------------------------------------------
 
+    def plain(self, order, add):
+        """The plain TCP workloads, each path in `order`."""
+        a = self.args
+        for path in order:
+            m = self.redis(path, [], a.requests)
+            add("PING rate (req/s)", path, m["rps"])
+            add("PING p50 latency (ms)", path, m["p50"])
+            add("PING p99 latency (ms)", path, m["p99"])
+            add("proxy CPU s per million requests", path, m["cpu_per_mreq"])
+        for path in order:
+            m = self.redis(path, ["-P", "16"], a.requests * 10)
+            add("pipelined PING rate, -P 16 (req/s)", path, m["rps"])
+            add("proxy CPU s per million pipelined requests", path, m["cpu_per_mreq"])
+        for path in order:
+            m = self.redis(path, ["-k", "0"], a.churn_requests)
+            add("churn rate, new connection per request (req/s)", path, m["rps"])
+            add("proxy CPU s per million requests, new connection each", path, m["cpu_per_mreq"])
+        for path in order:
+            m = self.iperf(path, 1)
+            add("bulk throughput, 1 stream (Gbit/s)", path, m["gbps"])
+            add("proxy CPU s per GB relayed, 1 stream", path, m["cpu_per_gb"])
+        for path in order:
+            m = self.iperf(path, 4)
+            add("bulk throughput, 4 streams (Gbit/s)", path, m["gbps"])
+            add("proxy CPU s per GB relayed, 4 streams", path, m["cpu_per_gb"])
+        for clients in a.client_counts:
+            for path in order:
+                add(f"PING rate at {clients} clients (req/s)", path,
+                    self.redis(path, [], max(a.requests, clients * 40), clients=clients)["rps"])
+
+    def tls(self, order, add):
+        """The TLS workloads, each proxy in `order`."""
+        a = self.args
+        for kind, label in (("ecdsa", "ECDSA P-256"), ("rsa", "RSA 2048")):
+            for path in order:
+                m = self.handshakes(path, kind, a.handshake_seconds)
+                add(f"TLS: new TLS 1.3 handshakes/s, {label}", path, m["rate"])
+                add(f"TLS: proxy CPU s per 1000 handshakes, {label}", path, m["cpu_per_k"])
+        for path in order:
+            m = self.tls_bulk(path)
+            add("TLS: bulk through termination, 1 stream (Gbit/s)", path, m["gbps"])
+            add("TLS: proxy CPU s per GB through termination", path, m["cpu_per_gb"])
+
     def run(self):
         a = self.args
         results = {}  # (metric, path) -> [values]
@@ -269,34 +444,12 @@ class Bench:
         order = list(PATHS)
         for r in range(a.repeats):
             order = order[1:] + order[:1]
+            tls_order = [p for p in order if p in TLS_PATHS]
             log(f"repeat {r + 1}/{a.repeats}: order {order}")
-            for path in order:
-                m = self.redis(path, [], a.requests)
-                add("PING rate (req/s)", path, m["rps"])
-                add("PING p50 latency (ms)", path, m["p50"])
-                add("PING p99 latency (ms)", path, m["p99"])
-                add("proxy CPU s per million requests", path, m["cpu_per_mreq"])
-            for path in order:
-                m = self.redis(path, ["-P", "16"], a.requests * 10)
-                add("pipelined PING rate, -P 16 (req/s)", path, m["rps"])
-                add("proxy CPU s per million pipelined requests", path, m["cpu_per_mreq"])
-            for path in order:
-                m = self.redis(path, ["-k", "0"], a.churn_requests)
-                add("churn rate, new connection per request (req/s)", path, m["rps"])
-                add("proxy CPU s per million requests, new connection each", path, m["cpu_per_mreq"])
-            for path in order:
-                m = self.iperf(path, 1)
-                add("bulk throughput, 1 stream (Gbit/s)", path, m["gbps"])
-                add("proxy CPU s per GB relayed, 1 stream", path, m["cpu_per_gb"])
-            for path in order:
-                m = self.iperf(path, 4)
-                add("bulk throughput, 4 streams (Gbit/s)", path, m["gbps"])
-                add("proxy CPU s per GB relayed, 4 streams", path, m["cpu_per_gb"])
-            for clients in a.client_counts:
-                for path in order:
-                    add(f"PING rate at {clients} clients (req/s)", path,
-                        self.redis(path, [], max(a.requests, clients * 40), clients=clients)["rps"])
-            for count in a.idle_counts:
+            if not a.tls_only:
+                self.plain(order, add)
+            self.tls(tls_order, add)
+            for count in [] if a.tls_only else a.idle_counts:
                 # Fresh processes, so one run's allocator caches do not hide the next one's growth.
                 self.stop_proxies()
                 self.start_proxies()
@@ -304,6 +457,12 @@ class Bench:
                     if path == "direct":
                         continue
                     add(f"memory per idle connection at {count} (bytes)", path, self.idle_memory(path, count))
+            for count in a.tls_idle_counts:
+                self.stop_proxies()
+                self.start_proxies()
+                for path in tls_order:
+                    add(f"TLS: memory per idle TLS connection at {count} (bytes)", path,
+                        self.idle_tls_memory(path, count))
         return results
 
 
@@ -374,18 +533,21 @@ def main():
     ap.add_argument("--iperf-seconds", type=int, default=5)
     ap.add_argument("--client-counts", type=int, nargs="*", default=[500, 9000])
     ap.add_argument("--idle-counts", type=int, nargs="*", default=[500, 5000, 9000])
+    ap.add_argument("--tls-idle-counts", type=int, nargs="*", default=[5000])
+    ap.add_argument("--handshake-seconds", type=int, default=5)
+    ap.add_argument("--tls-only", action="store_true", help="only the TLS lines (for trying them)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # A proxy holds two descriptors per connection.
     limit = (hard - 200) // 2
-    for counts in (args.idle_counts, args.client_counts):
+    for counts in (args.idle_counts, args.client_counts, args.tls_idle_counts):
         too_many = [c for c in counts if c > limit]
         if too_many:
             log(f"skipping {too_many}: the open-file limit ({hard}) allows at most {limit} proxied connections")
             counts[:] = [c for c in counts if c <= limit]
-    args.max_conns = max([*args.idle_counts, *args.client_counts, 50])
+    args.max_conns = max([*args.idle_counts, *args.client_counts, *args.tls_idle_counts, 50])
     if not SLUICE.exists():
         sys.exit(f"{SLUICE} is missing: run `make bench` (or cargo build --release)")
 
@@ -419,6 +581,9 @@ Notes:
 - Memory per idle connection: RSS growth of the proxy process (NGINX: its worker) while the given number of idle
   client connections are held open through it to redis, divided by that number; fresh proxy processes for each count.
 - Connection counts are capped by the open-file limit above: a proxy holds two descriptors per connection.
+- TLS lines (no direct path): `openssl s_time -new -tls1_3`, two at once, full handshakes (no resumption) with
+  X25519 key exchange; bulk is one `curl --tlsv1.3` download of a 1 GiB file from a plain NGINX HTTP backend through
+  the terminating listener; idle TLS memory holds Python `ssl` connections with their handshake done.
 """
     Path(args.out).write_text(text)
     log(f"wrote {args.out}")

@@ -6,7 +6,9 @@
 //!
 //! Each protocol has its own file under `check/`; the shared pieces (connect
 //! with local-resource classification, the read budget, bounded reads,
-//! printable previews of what a peer sent) live here.
+//! printable previews of what a peer sent) live here. For a pool with `tls`,
+//! [`connect`] also does the TLS handshake, so every protocol runs inside
+//! TLS unchanged; the `tls` kind is that connect and handshake alone.
 //!
 //! # The read budget
 //!
@@ -26,6 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -87,6 +91,36 @@ pub enum ProbeError {
     /// connection was dropped.
     #[error("the peer sent more than {} KiB in one check; connection dropped", .0 / 1024)]
     TooMuch(usize),
+    /// The TLS handshake failed (an untrusted certificate, say).
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// TLS for a check: the pool's client configuration and the name to send
+/// and verify.
+#[derive(Clone, Debug)]
+pub struct TlsDial {
+    /// The pool's rustls client configuration.
+    pub config: Arc<ClientConfig>,
+    /// The backend's server name.
+    pub name: ServerName<'static>,
+}
+
+/// Where a check connects, and whether through TLS.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Target<'a> {
+    addr: SocketAddr,
+    tls: Option<&'a TlsDial>,
+}
+
+impl Target<'_> {
+    /// The same target on another port.
+    fn with_port(self, port: u16) -> Self {
+        Target {
+            addr: SocketAddr::new(self.addr.ip(), port),
+            ..self
+        }
+    }
 }
 
 impl ProbeError {
@@ -118,8 +152,24 @@ pub async fn probe_within(
     host: &str,
     budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
+    probe_over(kind, addr, host, None, budget).await
+}
+
+/// [`probe_within`] through TLS when `tls` is given: the protocol runs
+/// inside it.
+pub async fn probe_over(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    host: &str,
+    tls: Option<&TlsDial>,
+    budget: &Budget,
+) -> Result<Option<Role>, ProbeError> {
+    let addr = Target { addr, tls };
     let result = match kind {
-        CheckKind::Tcp => connect(addr, budget).await.map(|_| None),
+        CheckKind::Tcp => connect(Target { tls: None, ..addr }, budget)
+            .await
+            .map(|_| None),
+        CheckKind::Tls => connect(addr, budget).await.map(|_| None),
         CheckKind::SendExpect(steps) => send_expect::probe(steps, addr, budget).await,
         CheckKind::Http(check) => http::probe(check, addr, host, budget).await,
         CheckKind::Redis(credentials) => redis::probe(credentials, addr, budget).await,
@@ -137,6 +187,7 @@ impl ProbeError {
             ProbeError::Protocol(m) => ProbeError::Protocol(printable(&m)),
             ProbeError::Auth(m) => ProbeError::Auth(printable(&m)),
             ProbeError::Failed(m) => ProbeError::Failed(printable(&m)),
+            ProbeError::Tls(m) => ProbeError::Tls(printable(&m)),
             other => other,
         }
     }
@@ -276,9 +327,73 @@ fn read_error(e: io::Error) -> ProbeError {
     }
 }
 
-/// Connect to `addr`, telling this process's own shortage apart from the
-/// backend's refusal; reads from the connection draw on `budget`.
-async fn connect(addr: SocketAddr, budget: &Budget) -> Result<Metered<TcpStream>, ProbeError> {
+/// A check's connection: plain, or TLS over it. Either way every byte
+/// read from the socket (TLS records included) draws on the budget.
+pub(crate) enum CheckStream {
+    Plain(Metered<TcpStream>),
+    Tls(Box<tokio_rustls::client::TlsStream<Metered<TcpStream>>>),
+}
+
+impl AsyncRead for CheckStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            CheckStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            CheckStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for CheckStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            CheckStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            CheckStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            CheckStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            CheckStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            CheckStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            CheckStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connect to `target`, telling this process's own shortage apart from the
+/// backend's refusal, and handshake when it has TLS; reads from the
+/// connection draw on `budget`.
+async fn connect(target: Target<'_>, budget: &Budget) -> Result<CheckStream, ProbeError> {
+    let plain = connect_tcp(target.addr, budget).await?;
+    let Some(dial) = target.tls else {
+        return Ok(CheckStream::Plain(plain));
+    };
+    tokio_rustls::TlsConnector::from(Arc::clone(&dial.config))
+        .connect(dial.name.clone(), plain)
+        .await
+        .map(|s| CheckStream::Tls(Box::new(s)))
+        .map_err(|e| match read_error(e) {
+            ProbeError::Io(e) => ProbeError::Tls(crate::tls::upstream::describe(e).to_string()),
+            too_much => too_much,
+        })
+}
+
+/// Connect to `addr` over TCP.
+async fn connect_tcp(addr: SocketAddr, budget: &Budget) -> Result<Metered<TcpStream>, ProbeError> {
     let classify = |e: std::io::Error| {
         if crate::sys::is_local_exhaustion(&e) {
             ProbeError::Local(e)

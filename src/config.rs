@@ -11,6 +11,7 @@ mod decode;
 pub mod edge;
 mod locate;
 mod read;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +30,7 @@ use decode::{Decoder, join};
 pub use locate::Location;
 use locate::Locations;
 pub use read::{MAX_CONFIG_BYTES, MAX_SECRET_BYTES};
+pub use tls::{BackendTls, ClientAuth, ListenerTls, Route, ServerTls, TlsMode, TlsVersion};
 
 /// Default configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/sluice.yaml";
@@ -141,7 +143,9 @@ pub struct ListenerSettings {
     pub name: String,
     /// Addresses to listen on.
     pub bind: Vec<SocketAddr>,
-    /// Name of the pool connections are forwarded to.
+    /// Name of the pool connections are forwarded to. With SNI `routes`,
+    /// the one the listener waits for before it opens: `default_pool`, or
+    /// the first route's.
     pub pool: String,
     /// Beyond this many open connections, new clients are refused.
     pub max_connections: Option<usize>,
@@ -159,6 +163,8 @@ pub struct ListenerSettings {
     pub proxy_protocol: Option<edge::ProxyAccept>,
     /// Move established connections' bytes inside the kernel (`fast_path`).
     pub fast_path: FastPath,
+    /// TLS termination or passthrough, with SNI routes.
+    pub tls: Option<ListenerTls>,
 }
 
 /// The listener key `fast_path`: where an established connection's bytes move.
@@ -256,6 +262,8 @@ pub struct PoolSettings {
     pub proxy_protocol: Option<edge::ProxyVersion>,
     /// Backends in priority order.
     pub backends: Vec<BackendSettings>,
+    /// TLS to the backends.
+    pub tls: Option<BackendTls>,
 }
 
 /// A pool's `health_check` section.
@@ -636,8 +644,10 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
 
     let mut warnings = Vec::new();
     for l in &listeners {
-        // With no pools at all, that is the problem already reported.
-        if !pool_names.is_empty() && !pool_names.contains(&l.pool) {
+        // With no pools at all, that is the problem already reported; a
+        // routed listener's pools are checked with its routes.
+        let routed = l.tls.as_ref().is_some_and(|t| !t.routes.is_empty());
+        if !routed && !pool_names.is_empty() && !pool_names.contains(&l.pool) {
             // A file may name thousands of pools: the message lists a few.
             const LISTED: usize = 10;
             let mut names = pool_names[..pool_names.len().min(LISTED)].join(", ");
@@ -650,8 +660,9 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
             );
         }
     }
+    tls::check(d, &listeners, &pools, &pool_names, &mut warnings);
     for p in &pools {
-        if !listeners.iter().any(|l| l.pool == p.name) {
+        if !listeners.iter().any(|l| tls::uses_pool(l, &p.name)) {
             warnings.push(format!("pools.{}: no listener uses this pool", p.name));
         }
     }
@@ -815,8 +826,12 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
             "per_source",
             "proxy_protocol",
             "fast_path",
+            "tls",
+            "routes",
+            "default_pool",
         ],
     )?;
+    let tls = tls::decode_listener(d, &f);
 
     let mut bind = Vec::new();
     match f.get("bind") {
@@ -838,7 +853,15 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         }
     }
 
+    let routed = tls.as_ref().filter(|t| !t.routes.is_empty());
     let pool = match f.get("pool") {
+        // With routes, the listener waits for this pool before it opens.
+        None if routed.is_some() => routed.and_then(|t| {
+            t.default_pool
+                .clone()
+                .or(t.routes.first().map(|r| r.pool.clone()))
+        }),
+        None if f.get("routes").is_some() => None,
         None => {
             d.problem(f.path("pool"), "is required");
             None
@@ -908,6 +931,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         per_source,
         proxy_protocol,
         fast_path,
+        tls,
     })
 }
 
@@ -929,8 +953,10 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "primary_hold",
             "proxy_protocol",
             "backends",
+            "tls",
         ],
     )?;
+    let tls = tls::decode_pool(d, &f);
 
     let algorithm_set = f.get("algorithm").map(|v| {
         d.choice(
@@ -988,10 +1014,25 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
     let on_failback_set = f
         .get("on_failback")
         .map(|v| d.choice(v, &f.path("on_failback"), &policies));
-    let health_check = match f.get("health_check") {
+    let mut health_check = match f.get("health_check") {
         Some(v) => decode_health_check(d, v, &f.path("health_check")),
         None => Some(HealthCheckSettings::default()),
     };
+    let kind_set = f
+        .get("health_check")
+        .is_some_and(|h| h.get("kind").is_some_and(|k| !k.is_null()));
+    if let Some(hc) = &mut health_check {
+        // A TLS pool's checks handshake too, unless told otherwise.
+        if f.get("tls").is_some_and(|t| t != &Value::Bool(false)) && !kind_set {
+            hc.kind = CheckKind::Tls;
+        } else if hc.kind == CheckKind::Tls && f.get("tls").is_none_or(|t| t == &Value::Bool(false))
+        {
+            d.problem(
+                format!("{}.kind", f.path("health_check")),
+                "`tls` handshakes with the backends: the pool needs tls",
+            );
+        }
+    }
     let role = f
         .get("role")
         .and_then(|v| {
@@ -1096,6 +1137,7 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         primary_hold,
         proxy_protocol,
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
+        tls,
     })
 }
 

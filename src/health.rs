@@ -35,8 +35,8 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::check::{self, Role};
-use crate::config::CheckKind;
 use crate::config::edge::ProxyVersion;
+use crate::config::{BackendTls, CheckKind};
 use crate::listener::LogLimiter;
 use crate::pool::{Backend, Pool};
 use crate::sys::lock;
@@ -214,12 +214,11 @@ impl HealthChecks {
                 .iter()
                 .map(|m| {
                     let kind = &hc.kind;
+                    let tls = generation.settings.tls.as_ref();
                     let proxy = generation.settings.proxy_protocol;
                     async move {
-                        (
-                            &m.backend,
-                            check(&m.backend, kind, probe, hc.timeout, proxy).await,
-                        )
+                        let result = check(&m.backend, kind, tls, probe, hc.timeout, proxy).await;
+                        (&m.backend, result)
                     }
                 })
                 .collect();
@@ -299,6 +298,7 @@ impl BackgroundService for HealthService {
 async fn check(
     b: &Backend,
     kind: &CheckKind,
+    tls: Option<&BackendTls>,
     tcp: &(dyn HealthCheck + Send + Sync),
     timeout: Duration,
     proxy: Option<ProxyVersion>,
@@ -309,11 +309,25 @@ async fn check(
         // LOCAL or v1 UNKNOWN, so they neither log a broken header nor count
         // the check as a client (pingora's TCP check cannot send it).
         if *kind != CheckKind::Tcp || proxy.is_some() {
+            // A TLS pool's protocol checks run inside TLS, as its clients' traffic does.
+            let dial = match tls {
+                None => None,
+                Some(t) => Some(check::TlsDial {
+                    config: Arc::clone(&t.config),
+                    name: t.server_name(b.address.host()).ok_or_else(|| {
+                        CheckError::Probe(format!(
+                            "`{}` is not a TLS server name; set the pool's tls.sni",
+                            b.address.host()
+                        ))
+                    })?,
+                }),
+            };
             let mut budget = check::Budget::new(check::READ_BUDGET);
             if let Some(version) = proxy {
                 budget = budget.with_preamble(crate::edge::proxy::check_header(version));
             }
-            return match check::probe_within(kind, addr, b.address.host(), &budget).await {
+            let host = b.address.host();
+            return match check::probe_over(kind, addr, host, dial.as_ref(), &budget).await {
                 Ok(role) => Ok((addr, role)),
                 Err(e) if e.is_local() => Err(CheckError::Local(e.to_string())),
                 Err(e) => Err(CheckError::Probe(format!("{} check: {e}", kind.name()))),

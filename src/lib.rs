@@ -23,6 +23,7 @@
 //! | [`state`] | what admin, signals and reloads share; readiness |
 //! | [`sys`] | the lock policy, telling local exhaustion from a peer's failure, the fd limit |
 //! | [`reload`] | applying a new configuration in place |
+//! | [`tls`] | TLS termination, SNI routing and passthrough on listeners; TLS to backends |
 
 pub mod admin;
 pub mod check;
@@ -42,4 +43,5 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod sys;
+pub mod tls;
 pub mod traffic;

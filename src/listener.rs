@@ -6,7 +6,9 @@
 //! done (see [`crate::relay`]). Failed connects count against the backend
 //! (passive health); a connect that fails for lack of local resources does
 //! not. Nothing here panics on network input; every refusal is counted and
-//! logged without flooding.
+//! logged without flooding. A TLS listener first hands the client to its
+//! [`Front`] (handshake or passthrough peek, and the pool its server name
+//! routes to); a TLS pool's connect includes the handshake to the backend.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -27,7 +29,10 @@ use crate::loops;
 use crate::metrics::{ConnectErrorKind, ListenerMetrics};
 use crate::pool::{Backend, CloseCause, Member, Pool};
 use crate::relay::socket::{self, Socket};
+use crate::relay::stream::Io;
 use crate::relay::{self, End, Meter};
+use crate::tls::front::{Front, PoolLookup};
+use crate::tls::upstream::{self, Upstream};
 
 /// Logs a repeated event at most once per interval, with a count of the rest.
 pub struct LogLimiter {
@@ -164,6 +169,8 @@ pub struct ListenerApp {
     limit_log: LogLimiter,
     loop_log: LogLimiter,
     edge_log: LogLimiter,
+    /// TLS termination or passthrough, with SNI routes.
+    tls: Option<Box<Front>>,
 }
 
 /// Counts a client in the listener's count and gauge until dropped.
@@ -261,7 +268,7 @@ enum Refusal {
 /// A backend connection ready for a session.
 struct Connected {
     member: Arc<Member>,
-    socket: Socket,
+    upstream: Upstream,
     /// Sees the pool close the backend's sessions, from before the connect.
     closing: Option<watch::Receiver<Option<CloseCause>>>,
     /// Registered while it lives when it leads back into sluice.
@@ -334,7 +341,17 @@ impl ListenerApp {
             limit_log: LogLimiter::new(),
             loop_log: LogLimiter::new(),
             edge_log: LogLimiter::new(),
+            tls: None,
         }
+    }
+
+    /// Serve TLS as `settings.tls` says, finding route pools with `pools`.
+    pub fn with_tls(mut self, settings: &ListenerSettings, pools: Option<&PoolLookup>) -> Self {
+        self.tls = settings
+            .tls
+            .as_ref()
+            .map(|tls| Box::new(Front::new(&self.name, tls, &self.metrics, pools)));
+        self
     }
 
     /// The listener's name.
@@ -388,7 +405,7 @@ impl ListenerApp {
             }),
             Err(refusal) => {
                 self.metrics.connections.inc();
-                self.refuse(refusal);
+                self.refuse(refusal, &self.pool);
                 None
             }
         }
@@ -453,15 +470,21 @@ impl ListenerApp {
                 Ok(Ok(received)) => received.addresses,
                 Ok(Err(e)) => {
                     let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
-                    self.refuse(Refusal::ProxyProtocol(format!("from {from}: {e}")));
+                    self.refuse(
+                        Refusal::ProxyProtocol(format!("from {from}: {e}")),
+                        &self.pool,
+                    );
                     return;
                 }
                 Err(_) => {
                     let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
-                    self.refuse(Refusal::ProxyProtocol(format!(
-                        "from {from}: no complete PROXY protocol header within {}",
-                        humantime::format_duration(PROXY_HEADER_TIMEOUT)
-                    )));
+                    self.refuse(
+                        Refusal::ProxyProtocol(format!(
+                            "from {from}: no complete PROXY protocol header within {}",
+                            humantime::format_duration(PROXY_HEADER_TIMEOUT)
+                        )),
+                        &self.pool,
+                    );
                     return;
                 }
             };
@@ -474,7 +497,7 @@ impl ListenerApp {
                 match self.admit_source(edge, addr) {
                     Ok(slot) => _slot = slot,
                     Err(refusal) => {
-                        self.refuse(refusal);
+                        self.refuse(refusal, &self.pool);
                         return;
                     }
                 }
@@ -500,10 +523,20 @@ impl ListenerApp {
             c.peer_addr().ok().zip(c.local_addr().ok())
         });
         if hops >= loops::MAX_HOPS {
-            self.refuse(Refusal::Loop);
+            self.refuse(Refusal::Loop, &self.pool);
             return;
         }
-        let generation = self.pool.generation();
+        // TLS listeners: the handshake (or passthrough's peek), and the
+        // pool the client's server name routes to.
+        // Boxed: plain clients must not carry its state.
+        let (mut tls, pool) = match &self.tls {
+            None => (None, Arc::clone(&self.pool)),
+            Some(front) => match Box::pin(front.accept(&client, &self.pool)).await {
+                Some(accepted) => accepted,
+                None => return,
+            },
+        };
+        let generation = pool.generation();
         let needs_key = generation.needs_client_key();
         let sends_proxy = generation.settings.proxy_protocol;
         // The client's own address, and the one it connected to, when the
@@ -533,19 +566,24 @@ impl ListenerApp {
         loop {
             // Boxed: the connect state is short-lived and must not size the
             // future every idle connection keeps.
-            let connected =
-                match Box::pin(self.connect(&key, &mut attempts, hops, proxy_header.as_deref()))
-                    .await
-                {
-                    Ok(connected) => connected,
-                    Err(refusal) => {
-                        self.refuse(refusal);
-                        return;
-                    }
-                };
+            let connected = match Box::pin(self.connect(
+                &pool,
+                &key,
+                &mut attempts,
+                hops,
+                proxy_header.as_deref(),
+            ))
+            .await
+            {
+                Ok(connected) => connected,
+                Err(refusal) => {
+                    self.refuse(refusal, &pool);
+                    return;
+                }
+            };
             let Connected {
                 member,
-                socket: upstream,
+                mut upstream,
                 closing,
                 _into_sluice,
             } = connected;
@@ -570,15 +608,30 @@ impl ListenerApp {
                     None => std::future::pending().await,
                 }
             };
-            let (end, totals) =
-                relay::relay_tcp(&client, &upstream, self.relay, up, down, abort).await;
+            let (end, totals) = match (&mut tls, &mut upstream) {
+                (None, Upstream::Plain(u)) => {
+                    relay::relay_tcp(&client, u, self.relay, up, down, abort).await
+                }
+                // TLS on either side. Boxed: plain sessions must not carry its state.
+                (tls, u) => {
+                    let mut c = match tls {
+                        Some(t) => Io::Stream(&mut **t),
+                        None => Io::Tcp(&client),
+                    };
+                    let mut u = u.io();
+                    Box::pin(relay::stream::relay(
+                        &mut c, &mut u, self.relay, up, down, abort,
+                    ))
+                    .await
+                }
+            };
             if let End::Unused(e) = &end {
                 // The backend closed right after the connect, before the
                 // client sent a byte: the client never noticed, so another
                 // backend may take it. It was counted as a connection; the
                 // failure counts once per client for passive health.
                 if attempts.first_failure(backend) {
-                    self.pool.observe_connect(backend, false, e);
+                    pool.observe_connect(backend, false, e);
                 }
                 debug!(
                     "listener {}: {} closed the connection before the session began ({e}); trying another",
@@ -611,7 +664,7 @@ impl ListenerApp {
         }
     }
 
-    fn refuse(&self, refusal: Refusal) {
+    fn refuse(&self, refusal: Refusal, pool: &Pool) {
         match refusal {
             Refusal::NoBackend => {
                 self.metrics.rejected_no_backend.inc();
@@ -619,7 +672,7 @@ impl ListenerApp {
                     warn!(
                         "listener {}: no backend of pool {} accepted the connection; client refused{}",
                         self.name,
-                        self.pool.name,
+                        pool.name,
                         since_last(skipped)
                     );
                 }
@@ -663,7 +716,7 @@ impl ListenerApp {
                         "listener {}: a client came through sluice itself {} times: pool {} leads back to sluice (a proxy loop); refused{}",
                         self.name,
                         loops::MAX_HOPS,
-                        self.pool.name,
+                        pool.name,
                         since_last(skipped)
                     );
                 }
@@ -684,15 +737,16 @@ impl ListenerApp {
     /// Connect to a backend, trying candidates while `attempts` last.
     async fn connect(
         &self,
+        pool: &Pool,
         key: &[u8],
         attempts: &mut Attempts,
         hops: u8,
         preamble: Option<&[u8]>,
     ) -> Result<Connected, Refusal> {
-        let pool = &self.pool;
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
         let watch_closing = generation.closes_sessions();
+        let tls = upstream::Dial::of(&generation.settings);
         drop(generation);
         while attempts.left > 0 {
             attempts.left -= 1;
@@ -720,7 +774,8 @@ impl ListenerApp {
                 }
                 Err(e) => Err((ConnectErrorKind::Other, e)),
             };
-            // The PROXY protocol header goes first, before any client byte.
+            // The PROXY protocol header goes first, on the TCP connection,
+            // before any client byte and before a TLS handshake.
             let connected = match (connected, preamble) {
                 (Ok(socket), Some(bytes)) => match write_all(&socket, bytes).await {
                     Ok(()) => Ok(socket),
@@ -728,8 +783,15 @@ impl ListenerApp {
                 },
                 (other, _) => other,
             };
+            // A TLS pool: the connect includes the handshake.
+            let connected = match connected {
+                Ok(socket) => upstream::establish(socket, tls.as_ref(), &backend.address, timeout)
+                    .await
+                    .map_err(|e| (ConnectErrorKind::Tls, e)),
+                Err(e) => Err(e),
+            };
             match connected {
-                Ok(socket) => {
+                Ok(upstream) => {
                     backend
                         .metrics
                         .connect_duration
@@ -738,7 +800,7 @@ impl ListenerApp {
                     pool.observe_connect(backend, true, &"");
                     return Ok(Connected {
                         member,
-                        socket,
+                        upstream,
                         closing,
                         _into_sluice: registration,
                     });

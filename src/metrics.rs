@@ -73,6 +73,96 @@ impl RejectReason {
     }
 }
 
+/// TLS handshake durations, from a resumed loopback handshake to a slow client.
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How a client's TLS handshake (or, passed through, its ClientHello) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeResult {
+    /// Done; the client goes to its pool.
+    Ok,
+    /// No cipher suite, key exchange group or signature scheme in common.
+    NoSharedCipher,
+    /// The client offered only versions below the listener's minimum.
+    ProtocolVersion,
+    /// A client certificate was required and missing, or did not verify.
+    BadCertificate,
+    /// No route and no `default_pool` for the client's server name.
+    UnknownSni,
+    /// No ALPN protocol in common.
+    NoAlpn,
+    /// Not finished within `handshake_timeout`.
+    Timeout,
+    /// The client does not speak TLS (a plain HTTP request, garbage).
+    NotTls,
+    /// The client went away during the handshake.
+    Closed,
+    /// Any other failure (a malformed message, an alert from the client).
+    Other,
+}
+
+impl HandshakeResult {
+    /// Every result, in label order.
+    pub const ALL: [HandshakeResult; 10] = [
+        HandshakeResult::Ok,
+        HandshakeResult::NoSharedCipher,
+        HandshakeResult::ProtocolVersion,
+        HandshakeResult::BadCertificate,
+        HandshakeResult::UnknownSni,
+        HandshakeResult::NoAlpn,
+        HandshakeResult::Timeout,
+        HandshakeResult::NotTls,
+        HandshakeResult::Closed,
+        HandshakeResult::Other,
+    ];
+
+    /// The `result` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::NoSharedCipher => "no_shared_cipher",
+            HandshakeResult::ProtocolVersion => "protocol_version",
+            HandshakeResult::BadCertificate => "bad_certificate",
+            HandshakeResult::UnknownSni => "unknown_sni",
+            HandshakeResult::NoAlpn => "no_alpn",
+            HandshakeResult::Timeout => "timeout",
+            HandshakeResult::NotTls => "not_tls",
+            HandshakeResult::Closed => "closed",
+            HandshakeResult::Other => "other",
+        }
+    }
+}
+
+/// Handles for one TLS listener's handshakes.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    results: [IntCounter; 10],
+    /// Time from accept to a finished handshake (or a routed ClientHello).
+    pub duration: Histogram,
+}
+
+impl TlsMetrics {
+    /// The counter for one outcome.
+    pub fn result(&self, r: HandshakeResult) -> &IntCounter {
+        &self.results[r as usize]
+    }
+}
+
+/// A certificate sluice presents, for `sluice_tls_certificate_expiry_timestamp_seconds`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateExpiry {
+    /// `listener` (served to clients) or `pool` (presented to backends).
+    pub scope: &'static str,
+    /// The listener's or pool's name.
+    pub name: String,
+    /// The certificate file.
+    pub file: String,
+    /// Its leaf's `notAfter`, as a Unix time.
+    pub not_after: i64,
+}
+
 /// Why a connect to a backend failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectErrorKind {
@@ -82,6 +172,9 @@ pub enum ConnectErrorKind {
     Timeout,
     /// Anything else (unreachable, out of resources, ...).
     Other,
+    /// The TLS handshake with the backend failed (an untrusted or expired
+    /// certificate, a wrong name, a client certificate refused, ...).
+    Tls,
 }
 
 impl ConnectErrorKind {
@@ -91,6 +184,7 @@ impl ConnectErrorKind {
             ConnectErrorKind::Refused => "refused",
             ConnectErrorKind::Timeout => "timeout",
             ConnectErrorKind::Other => "other",
+            ConnectErrorKind::Tls => "tls",
         }
     }
 }
@@ -120,6 +214,9 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     admin_requests: IntCounterVec,
     config_last_reload_success: prometheus::Gauge,
+    tls_handshakes: IntCounterVec,
+    tls_handshake_duration: HistogramVec,
+    tls_certificate_expiry: IntGaugeVec,
 }
 
 /// Handles for one listener.
@@ -153,6 +250,25 @@ pub struct ListenerMetrics {
     pub duration: Histogram,
     /// Bytes relayed with `splice(2)` and connections on each relay path.
     pub relay: crate::relay::RelayCounters,
+    name: String,
+    tls_handshakes: IntCounterVec,
+    tls_handshake_duration: HistogramVec,
+}
+
+impl ListenerMetrics {
+    /// Handles for this listener's TLS handshakes; its series exist from
+    /// this call on (only TLS listeners make it).
+    pub fn tls(&self) -> TlsMetrics {
+        TlsMetrics {
+            results: HandshakeResult::ALL.map(|r| {
+                self.tls_handshakes
+                    .with_label_values(&[self.name.as_str(), r.as_str()])
+            }),
+            duration: self
+                .tls_handshake_duration
+                .with_label_values(&[self.name.as_str()]),
+        }
+    }
 }
 
 /// Handles for one pool.
@@ -175,7 +291,7 @@ pub struct BackendMetrics {
     pub connections: IntCounter,
     /// Connections open or being opened to it.
     pub connections_active: IntGauge,
-    connect_errors: [IntCounter; 3],
+    connect_errors: [IntCounter; 4],
     /// Time to establish a connection.
     pub connect_duration: Histogram,
     /// Successful health checks.
@@ -396,6 +512,25 @@ impl Metrics {
                 "Requests to the admin API, by endpoint and status code.",
                 &["endpoint", "code"],
             ),
+            tls_handshakes: counter(
+                &r,
+                "sluice_tls_handshakes_total",
+                "TLS handshakes of clients (with tls: passthrough, ClientHellos read), by result.",
+                &["listener", "result"],
+            ),
+            tls_handshake_duration: histogram(
+                &r,
+                "sluice_tls_handshake_duration_seconds",
+                "Time from accept to a finished TLS handshake (passthrough: to a routed ClientHello).",
+                &["listener"],
+                HANDSHAKE_BUCKETS,
+            ),
+            tls_certificate_expiry: gauge(
+                &r,
+                "sluice_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate sluice presents expires (its notAfter), as a Unix time; scope is listener (served to clients) or pool (presented to backends).",
+                &["scope", "name", "file"],
+            ),
             config_last_reload_success: {
                 let g = prometheus::Gauge::new(
                     "sluice_config_last_reload_success_timestamp_seconds",
@@ -472,6 +607,9 @@ impl Metrics {
                 normal: self.listener_relayed.with_label_values(&[name, "normal"]),
                 sockmap: self.listener_relayed.with_label_values(&[name, "sockmap"]),
             },
+            name: name.to_string(),
+            tls_handshakes: self.tls_handshakes.clone(),
+            tls_handshake_duration: self.tls_handshake_duration.clone(),
         }
     }
 
@@ -499,6 +637,7 @@ impl Metrics {
                 err(ConnectErrorKind::Refused),
                 err(ConnectErrorKind::Timeout),
                 err(ConnectErrorKind::Other),
+                err(ConnectErrorKind::Tls),
             ],
             connect_duration: self.backend_connect_duration.with_label_values(&l),
             checks_success: self
@@ -542,6 +681,20 @@ impl Metrics {
             let _ = self.listener_relayed.remove_label_values(&[name, path]);
         }
         let _ = self.connection_duration.remove_label_values(&[name]);
+        for r in HandshakeResult::ALL {
+            let _ = self.tls_handshakes.remove_label_values(&[name, r.as_str()]);
+        }
+        let _ = self.tls_handshake_duration.remove_label_values(&[name]);
+    }
+
+    /// Show exactly these certificates' expiry times.
+    pub fn set_certificate_expiry(&self, certificates: &[CertificateExpiry]) {
+        self.tls_certificate_expiry.reset();
+        for c in certificates {
+            self.tls_certificate_expiry
+                .with_label_values(&[c.scope, c.name.as_str(), c.file.as_str()])
+                .set(c.not_after);
+        }
     }
 
     /// Drop the series of a pool that was removed (its backends separately).
@@ -562,6 +715,7 @@ impl Metrics {
             ConnectErrorKind::Refused,
             ConnectErrorKind::Timeout,
             ConnectErrorKind::Other,
+            ConnectErrorKind::Tls,
         ] {
             let _ =
                 self.backend_connect_errors

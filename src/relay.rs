@@ -18,6 +18,7 @@ pub mod bpf;
 pub mod socket;
 pub mod sockmap;
 pub mod stage;
+pub mod stream;
 
 use std::future::{Future, poll_fn};
 use std::io;

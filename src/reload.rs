@@ -180,6 +180,7 @@ impl State {
                         .flat_map(|l| l.bind.iter().map(|a| a.port())),
                 );
                 *current = next;
+                crate::tls::publish_expiry(&self.metrics, &current);
                 self.metrics.reloaded(true);
                 for w in &current.warnings {
                     warn!("{w}");

@@ -202,6 +202,14 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         Arc::clone(&health),
     );
 
+    {
+        let state = Arc::downgrade(&state);
+        traffic.set_pool_lookup(Arc::new(move |name: &str| {
+            let state = state.upgrade()?;
+            state.pools().iter().find(|p| p.name == name).cloned()
+        }));
+    }
+    crate::tls::publish_expiry(&metrics, &crate::sys::lock(&state.config));
     state
         .start_reloader()
         .map_err(|source| StartError::Thread { source })?;

@@ -100,6 +100,8 @@ pub struct Traffic {
     source_limits: Mutex<HashMap<String, Arc<SourceLimiter>>>,
     /// The admin listener's address, among the held sockets.
     admin: Mutex<Option<String>>,
+    /// Finds the pools SNI routes name.
+    pool_lookup: OnceLock<crate::tls::front::PoolLookup>,
 }
 
 /// A listener's sockets, bound but not accepting yet.
@@ -131,7 +133,13 @@ impl Traffic {
             client_counts: Mutex::new(HashMap::new()),
             source_limits: Mutex::new(HashMap::new()),
             admin: Mutex::new(None),
+            pool_lookup: OnceLock::new(),
         })
+    }
+
+    /// How listeners with SNI routes find the pools in force.
+    pub fn set_pool_lookup(&self, lookup: crate::tls::front::PoolLookup) {
+        let _ = self.pool_lookup.set(lookup);
     }
 
     /// Turns true once shutdown has stopped every accept loop: from then on
@@ -446,6 +454,7 @@ impl Traffic {
             active,
             limiter,
         )
+        .with_tls(settings, self.pool_lookup.get())
     }
 
     /// Wait for the pool, then accept until stopped or shut down.

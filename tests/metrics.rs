@@ -20,7 +20,22 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         "health_check: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }}\nbackends: ['{}', '{}']",
         good.addr, gone.addr
     );
-    let sluice = Sluice::start(&front_to_app(port, ", max_connections: 1", &pool)).await;
+    // A second listener terminates TLS, so the TLS families are exported too.
+    let certs = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["www.example.com".to_string()]).unwrap();
+    let (cert, key) = (certs.path().join("www.pem"), certs.path().join("www.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let yaml = front_to_app(port, ", max_connections: 1", &pool).replace(
+        "listeners: { front:",
+        &format!(
+            "listeners: {{ secure: {{ bind: 127.0.0.1:{}, pool: app, tls: {{ cert: '{}', key: '{}' }} }}, front:",
+            reserve_port(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let sluice = Sluice::start(&yaml).await;
     let listener = [("listener", "front")];
     let b = |addr: SocketAddr| {
         [
@@ -229,6 +244,10 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         "le",
         "endpoint",
         "code",
+        // sluice_tls_certificate_expiry_timestamp_seconds: configured files.
+        "scope",
+        "name",
+        "file",
     ];
     for line in m.text.lines().filter(|l| l.starts_with("sluice_")) {
         let Some((_, labels)) = line.split_once('{') else {

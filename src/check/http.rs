@@ -2,22 +2,22 @@
 //! body pattern, and the role from `primary_path`/`replica_path` (Patroni's
 //! `/primary` and `/replica`). Each request uses its own connection.
 
-use std::net::SocketAddr;
-
 use tokio::io::AsyncWriteExt;
 
-use super::{Budget, ProbeError, Role, TEXT_CAP, closed_before, connect, preview, read_some};
+use super::{
+    Budget, ProbeError, Role, TEXT_CAP, Target, closed_before, connect, preview, read_some,
+};
 use crate::config::HttpCheck;
 
 /// Run the check, then ask for the role when paths for it are set.
 pub(super) async fn probe(
     check: &HttpCheck,
-    addr: SocketAddr,
+    addr: Target<'_>,
     host: &str,
     budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let addr = match check.port {
-        Some(port) => SocketAddr::new(addr.ip(), port),
+        Some(port) => addr.with_port(port),
         None => addr,
     };
     let host = check.host.as_deref().unwrap_or(host);
@@ -81,7 +81,7 @@ pub(super) struct Response {
 
 /// GET `path` from `addr` over a fresh connection.
 async fn get(
-    addr: SocketAddr,
+    addr: Target<'_>,
     host: &str,
     path: &str,
     budget: &Budget,

@@ -6,13 +6,13 @@
 //! [`ProbeError::Protocol`], never a panic.
 
 use std::io;
-use std::net::SocketAddr;
 
 use sha1::{Digest, Sha1};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use super::{Budget, Metered, ProbeError, Role, closed_before, connect, preview, read_some};
+use super::{
+    Budget, CheckStream, ProbeError, Role, Target, closed_before, connect, preview, read_some,
+};
 use crate::config::Credentials;
 
 /// Largest packet accepted from the server.
@@ -39,7 +39,7 @@ const QUERY: &str = "SELECT @@global.read_only";
 /// Log in, read `@@global.read_only`, and say goodbye.
 pub(super) async fn probe(
     credentials: &Credentials,
-    addr: SocketAddr,
+    addr: Target<'_>,
     budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let mut conn = Conn {
@@ -334,7 +334,7 @@ pub(super) fn parse_err(packet: &[u8]) -> Option<(u16, String)> {
 
 /// One connection, what was read ahead, and the packet sequence number.
 struct Conn {
-    stream: Metered<TcpStream>,
+    stream: CheckStream,
     buf: Vec<u8>,
     seq: u8,
 }

@@ -17,7 +17,6 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -27,7 +26,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Connection, NoTls, SimpleQueryMessage};
 
-use super::{Budget, OverBudget, ProbeError, Role, closed_before, connect, preview};
+use super::{Budget, OverBudget, ProbeError, Role, Target, closed_before, connect, preview};
 use crate::config::PostgresCheck;
 
 /// Largest backend message accepted.
@@ -46,7 +45,7 @@ const AUTH_MD5: u32 = 5;
 /// Log in, ask whether the server is in recovery, and terminate.
 pub(super) async fn probe(
     check: &PostgresCheck,
-    addr: SocketAddr,
+    addr: Target<'_>,
     budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let mut stream = Guard::new(connect(addr, budget).await?);

@@ -6,12 +6,12 @@
 //! in RESP.
 
 use std::io;
-use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use super::{Budget, Metered, ProbeError, Role, closed_before, connect, preview, read_some};
+use super::{
+    Budget, CheckStream, ProbeError, Role, Target, closed_before, connect, preview, read_some,
+};
 use crate::config::Credentials;
 
 /// Longest bulk string accepted.
@@ -28,7 +28,7 @@ const REPLY_CAP: usize = 2 * 1024 * 1024;
 /// Log in when a password is set, then `PING` and `ROLE`.
 pub(super) async fn probe(
     credentials: &Credentials,
-    addr: SocketAddr,
+    addr: Target<'_>,
     budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let mut conn = Conn {
@@ -129,7 +129,7 @@ fn show(value: &Value) -> String {
 
 /// One connection and what was read ahead.
 struct Conn {
-    stream: Metered<TcpStream>,
+    stream: CheckStream,
     buf: Vec<u8>,
 }
 

@@ -1,17 +1,14 @@
 //! The `send_expect` check: write bytes and wait for answers, step by step.
 
-use std::net::SocketAddr;
-
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use super::{Budget, Metered, ProbeError, Role, TEXT_CAP, connect, preview, read_some};
+use super::{Budget, CheckStream, ProbeError, Role, TEXT_CAP, Target, connect, preview, read_some};
 use crate::config::{Expect, Step};
 
 /// Run `steps` in order over one connection.
 pub(super) async fn probe(
     steps: &[Step],
-    addr: SocketAddr,
+    addr: Target<'_>,
     budget: &Budget,
 ) -> Result<Option<Role>, ProbeError> {
     let mut stream = connect(addr, budget).await?;
@@ -31,7 +28,7 @@ pub(super) async fn probe(
 
 /// Read into `buf` until `expect` is met.
 async fn wait_for(
-    stream: &mut Metered<TcpStream>,
+    stream: &mut CheckStream,
     buf: &mut Vec<u8>,
     expect: &Expect,
 ) -> Result<(), ProbeError> {

@@ -22,6 +22,8 @@ pub enum CheckKind {
     Mysql(Credentials),
     /// PostgreSQL login, then `SELECT pg_is_in_recovery()`.
     Postgres(PostgresCheck),
+    /// A TCP connect and a TLS handshake, with the pool's `tls`.
+    Tls,
 }
 
 impl CheckKind {
@@ -34,13 +36,14 @@ impl CheckKind {
             CheckKind::Redis(_) => "redis",
             CheckKind::Mysql(_) => "mysql",
             CheckKind::Postgres(_) => "postgres",
+            CheckKind::Tls => "tls",
         }
     }
 
     /// Whether a successful check also tells the backend's role.
     pub fn reports_role(&self) -> bool {
         match self {
-            CheckKind::Tcp | CheckKind::SendExpect(_) => false,
+            CheckKind::Tcp | CheckKind::SendExpect(_) | CheckKind::Tls => false,
             CheckKind::Http(h) => h.primary_path.is_some() || h.replica_path.is_some(),
             CheckKind::Redis(_) | CheckKind::Mysql(_) | CheckKind::Postgres(_) => true,
         }
@@ -241,6 +244,7 @@ const KINDS: &[(&str, &str)] = &[
     ("redis", "redis"),
     ("mysql", "mysql"),
     ("postgres", "postgres"),
+    ("tls", "tls"),
 ];
 
 /// Decode `kind` and the keys that belong to it; report keys that belong to
@@ -284,6 +288,7 @@ pub(super) fn decode_kind(d: &mut Decoder, f: &Fields<'_>) -> Option<CheckKind> 
                 None => false,
             },
         }),
+        "tls" => CheckKind::Tls,
         _ => CheckKind::Tcp,
     })
 }
