@@ -32,8 +32,14 @@ use subtle::ConstantTimeEq;
 
 use crate::config::edge::AdminAccess;
 use crate::metrics;
-use crate::pool::{Health, MoveError, Pool};
+use crate::pool::{AdminState, Health, MoveError, Pool};
 use crate::state::State;
+
+/// A request refused, with its answer.
+type Refused = Box<Response<Vec<u8>>>;
+
+/// The longest grace a `maint` request may give established sessions.
+const MAX_GRACE: Duration = Duration::from_secs(86_400);
 
 /// How long `POST /api/v1/reload` waits for the reload it asked for.
 const RELOAD_WAIT: Duration = Duration::from_secs(30);
@@ -211,6 +217,12 @@ fn endpoint_label(path: &str) -> &'static str {
         p if p.starts_with("/api/v1/pools/") && p.ends_with("/active") => {
             "/api/v1/pools/{pool}/active"
         }
+        p if p.starts_with("/api/v1/pools/") && p.ends_with("/state") => {
+            "/api/v1/pools/{pool}/state"
+        }
+        p if p.starts_with("/api/v1/pools/") && p.ends_with("/weight") => {
+            "/api/v1/pools/{pool}/weight"
+        }
         _ => "other",
     }
 }
@@ -262,14 +274,20 @@ impl AdminApp {
             "/api/v1/reload" if post => self.reload().await,
             "/api/v1/reload" => method_not_allowed("POST"),
             "/metrics" | "/healthz" | "/readyz" | "/api/v1/pools" => method_not_allowed("GET"),
-            _ => match path
-                .strip_prefix("/api/v1/pools/")
-                .and_then(|r| r.strip_suffix("/active"))
-            {
-                Some(pool) if post => self.make_active(pool, req.query.as_deref()),
-                Some(_) => method_not_allowed("POST"),
-                None => text(StatusCode::NOT_FOUND, "not found\n"),
-            },
+            _ => {
+                let action = path.strip_prefix("/api/v1/pools/").and_then(|rest| {
+                    rest.rsplit_once('/')
+                        .filter(|(pool, _)| !pool.is_empty() && !pool.contains('/'))
+                });
+                let query = req.query.as_deref();
+                match action {
+                    Some((pool, "active")) if post => self.make_active(pool, query),
+                    Some((pool, "state")) if post => self.set_state(pool, query),
+                    Some((pool, "weight")) if post => self.set_weight(pool, query),
+                    Some((_, "active" | "state" | "weight")) => method_not_allowed("POST"),
+                    _ => text(StatusCode::NOT_FOUND, "not found\n"),
+                }
+            }
         }
     }
 
@@ -292,6 +310,100 @@ impl AdminApp {
                 json_error(StatusCode::NOT_FOUND, &e.to_string())
             }
             Err(e) => json_error(StatusCode::CONFLICT, &e.to_string()),
+        }
+    }
+
+    /// The pool named `pool` and the `backend` query parameter, or the error
+    /// response.
+    fn pool_and_backend(
+        &self,
+        pool: &str,
+        query: Option<&str>,
+    ) -> Result<(Arc<Pool>, String), Refused> {
+        let pools = self.state.pools();
+        let Some(p) = pools.iter().find(|p| p.name == pool) else {
+            return Err(Box::new(json_error(
+                StatusCode::NOT_FOUND,
+                &format!("no pool is named `{pool}`"),
+            )));
+        };
+        let Some(backend) = param(query, "backend") else {
+            return Err(Box::new(json_error(
+                StatusCode::BAD_REQUEST,
+                "missing query parameter `backend`",
+            )));
+        };
+        Ok((Arc::clone(p), backend))
+    }
+
+    /// `POST /api/v1/pools/{pool}/state?backend=ADDR&state=ready|drain|maint[&grace=DURATION]`.
+    fn set_state(&self, pool: &str, query: Option<&str>) -> Response<Vec<u8>> {
+        let (p, backend) = match self.pool_and_backend(pool, query) {
+            Ok(found) => found,
+            Err(r) => return *r,
+        };
+        let state = match param(query, "state").as_deref() {
+            Some("ready") => AdminState::Ready,
+            Some("drain") => AdminState::Drain,
+            Some("maint") => AdminState::Maint,
+            other => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "query parameter `state` must be ready, drain or maint, not {}",
+                        other.map_or("missing".to_string(), |s| format!("`{s}`"))
+                    ),
+                );
+            }
+        };
+        let grace = match param(query, "grace") {
+            None => Duration::ZERO,
+            Some(_) if state != AdminState::Maint => {
+                return json_error(StatusCode::BAD_REQUEST, "`grace` only applies to maint");
+            }
+            Some(g) => match humantime::parse_duration(&g) {
+                Ok(d) if d <= MAX_GRACE => d,
+                _ => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "`grace` must be a duration with a unit up to {}, like 30s",
+                            humantime::format_duration(MAX_GRACE)
+                        ),
+                    );
+                }
+            },
+        };
+        match p.set_admin_state(&backend, state, grace) {
+            Ok(()) => json_reply(StatusCode::OK, &pool_json(&p)),
+            Err(e) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
+        }
+    }
+
+    /// `POST /api/v1/pools/{pool}/weight?backend=ADDR&weight=N|config`.
+    fn set_weight(&self, pool: &str, query: Option<&str>) -> Response<Vec<u8>> {
+        let (p, backend) = match self.pool_and_backend(pool, query) {
+            Ok(found) => found,
+            Err(r) => return *r,
+        };
+        let weight = match param(query, "weight").as_deref() {
+            Some("config") => None,
+            Some(w) => match w.parse::<u32>() {
+                Ok(n @ 1..=256) => Some(n),
+                _ => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "query parameter `weight` must be 1..=256, or `config` for the configured one",
+                    );
+                }
+            },
+            None => {
+                return json_error(StatusCode::BAD_REQUEST, "missing query parameter `weight`");
+            }
+        };
+        match p.set_weight(&backend, weight) {
+            Ok(()) => json_reply(StatusCode::OK, &pool_json(&p)),
+            Err(e) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
         }
     }
 
@@ -365,7 +477,8 @@ fn pool_json(p: &Pool) -> Value {
                 "up": b.health() == Health::Up,
                 "role": b.role().map_or("unknown", |r| r.as_str()),
                 "active": m.is_serving(),
-                "weight": m.weight,
+                "weight": p.weight_of(m),
+                "admin_state": b.admin_label(),
                 "backup": m.backup,
                 "connections": b.open_connections(),
             })
@@ -453,6 +566,15 @@ fn method_not_allowed(allow: &str) -> Response<Vec<u8>> {
         r.headers_mut().insert(http::header::ALLOW, v);
     }
     r
+}
+
+/// The percent-decoded value of query parameter `name`.
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .map(percent_decode)
 }
 
 #[cfg(test)]

@@ -108,6 +108,8 @@ pub struct Config {
     pub listeners: Vec<ListenerSettings>,
     /// Pools in file order.
     pub pools: Vec<PoolSettings>,
+    /// The access log, if on.
+    pub access_log: Option<crate::access_log::Settings>,
     /// Things that are valid but probably not what was meant.
     pub warnings: Vec<String>,
 }
@@ -631,7 +633,12 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
         );
         return None;
     }
-    let top = d.mapping(root, "", &["server", "admin", "listeners", "pools"])?;
+    let top = d.mapping(
+        root,
+        "",
+        &["server", "admin", "listeners", "pools", "access_log"],
+    )?;
+    let access_log = top.get("access_log").and_then(|v| decode_access_log(d, v));
 
     let server = match top.get("server") {
         Some(v) => decode_server(d, v),
@@ -675,6 +682,7 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
         admin: admin.flatten(),
         listeners,
         pools,
+        access_log,
         warnings,
     })
 }
@@ -770,6 +778,37 @@ fn decode_server(d: &mut Decoder, v: &Value) -> Option<ServerSettings> {
         }
     }
     (d.problems.len() == before).then_some(s)
+}
+
+fn decode_access_log(d: &mut Decoder, v: &Value) -> Option<crate::access_log::Settings> {
+    use crate::access_log::{Format, Settings, Target};
+    let f = d.mapping(v, "access_log", &["path", "format"])?;
+    let target = match f.get("path") {
+        None => {
+            d.problem(f.path("path"), "is required: a file, or stdout");
+            None
+        }
+        Some(v) => d.string(v, &f.path("path")).and_then(|p| match p.trim() {
+            "stdout" | "-" => Some(Target::Stdout),
+            "" => {
+                d.problem(f.path("path"), "must not be empty");
+                None
+            }
+            p => Some(Target::File(PathBuf::from(p))),
+        }),
+    };
+    let format = match f.get("format") {
+        None => Some(Format::Json),
+        Some(v) => d.choice(
+            v,
+            &f.path("format"),
+            &[("json", Format::Json), ("logfmt", Format::Logfmt)],
+        ),
+    };
+    Some(Settings {
+        target: target?,
+        format: format?,
+    })
 }
 
 fn decode_admin(d: &mut Decoder, v: &Value) -> Option<AdminSettings> {

@@ -4,6 +4,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
+//! | [`access_log`] | one line per connection at its end, written off the data path |
 //! | [`cli`] | flags, `-t`, start-up, subcommands |
 //! | [`edge`] | before a backend is picked: source allow/deny, per-source limits, the PROXY protocol |
 //! | [`healthcheck`] | `sluice healthcheck`: one bounded `GET /readyz` for container health checks |
@@ -25,6 +26,7 @@
 //! | [`reload`] | applying a new configuration in place |
 //! | [`tls`] | TLS termination, SNI routing and passthrough on listeners; TLS to backends |
 
+pub mod access_log;
 pub mod admin;
 pub mod check;
 pub mod cli;

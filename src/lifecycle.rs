@@ -79,8 +79,19 @@ impl ShutdownSignalWatch for Signals {
         let mut int = listen(SignalKind::interrupt());
         let mut quit = listen(SignalKind::quit());
         let mut hup = listen(SignalKind::hangup());
+        let mut usr1 = listen(SignalKind::user_defined1());
         loop {
             tokio::select! {
+                _ = usr1.recv() => {
+                    // logrotate's convention: the file was moved; write a new one.
+                    match self.state.traffic.access_log() {
+                        Some(log) => {
+                            info!("SIGUSR1 received: reopening the access log");
+                            log.reopen();
+                        }
+                        None => info!("SIGUSR1 received: no access log to reopen"),
+                    }
+                }
                 _ = hup.recv() => {
                     info!("SIGHUP received: reloading the configuration");
                     // On the reload thread; its outcome is logged and counted there.
@@ -154,6 +165,9 @@ impl DrainService {
     }
 }
 
+/// How long the sessions cut at the shutdown timeout get to end.
+const CUT_WAIT: Duration = Duration::from_millis(500);
+
 /// How often the drain checks for the last connection.
 const DRAIN_POLL: Duration = Duration::from_millis(25);
 
@@ -194,6 +208,16 @@ impl BackgroundService for DrainService {
                 "shutdown timeout ({}) reached: closing {open} open connection(s)",
                 humantime::format_duration(self.timeout)
             );
+            // End them through their sessions, so each says so in the
+            // access log, and give the writer a moment to write it.
+            self.traffic.cut_sessions();
+            let stop = tokio::time::Instant::now() + CUT_WAIT;
+            while open_connections.get() > 0 && tokio::time::Instant::now() < stop {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+            if self.traffic.access_log().is_some() {
+                tokio::time::sleep(DRAIN_POLL * 4).await;
+            }
         } else {
             info!("all connections finished; exiting");
         }

@@ -20,6 +20,7 @@ use log::{debug, error, warn};
 use prometheus::IntGauge;
 use tokio::sync::watch;
 
+use crate::access_log::{AccessLog, Cause, Record};
 use crate::config::ListenerSettings;
 use crate::config::edge::{PerSource, ProxyVersion};
 use crate::edge::acl::{Acl, Prefixes};
@@ -171,6 +172,10 @@ pub struct ListenerApp {
     edge_log: LogLimiter,
     /// TLS termination or passthrough, with SNI routes.
     tls: Option<Box<Front>>,
+    /// The access log and the shutdown cut.
+    ends: SessionEnds,
+    /// The name as the access log shares it.
+    log_name: Arc<str>,
 }
 
 /// Counts a client in the listener's count and gauge until dropped.
@@ -200,6 +205,8 @@ struct Attempts {
     /// Backends whose failure this client already counted for passive health.
     blamed: Vec<usize>,
     turn: usize,
+    /// Connects tried.
+    made: u32,
 }
 
 impl Attempts {
@@ -210,6 +217,7 @@ impl Attempts {
             ids: Vec::new(),
             blamed: Vec::new(),
             turn: 0,
+            made: 0,
         }
     }
 
@@ -265,6 +273,50 @@ enum Refusal {
     OutOfFds,
 }
 
+impl Refusal {
+    /// The access log's name for it.
+    fn cause(&self) -> Cause {
+        match self {
+            Refusal::NoBackend => Cause::RefusedNoBackend,
+            Refusal::Loop => Cause::RefusedLoop,
+            Refusal::Acl => Cause::RefusedAcl,
+            Refusal::SourceLimit | Refusal::SourceRate => Cause::RefusedLimit,
+            Refusal::ProxyProtocol(_) => Cause::RefusedProxyProtocol,
+            Refusal::OutOfFds => Cause::RefusedFdLimit,
+        }
+    }
+}
+
+/// What every session shares at its end: the access log, and the cut
+/// that ends it at shutdown.
+#[derive(Clone, Default)]
+pub struct SessionEnds {
+    /// The access log, when configured.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Turns true when `shutdown_timeout` runs out.
+    pub cut: Option<watch::Receiver<bool>>,
+}
+
+/// A session's access-log line, written when dropped (whatever return
+/// path ends the session).
+struct Logged<'a> {
+    log: &'a AccessLog,
+    record: Record,
+}
+
+impl Drop for Logged<'_> {
+    fn drop(&mut self) {
+        self.log.log(&self.record);
+    }
+}
+
+/// Fill in `log`'s record, if there is one.
+fn note(log: &mut Option<Logged<'_>>, f: impl FnOnce(&mut Record)) {
+    if let Some(l) = log {
+        f(&mut l.record);
+    }
+}
+
 /// A backend connection ready for a session.
 struct Connected {
     member: Arc<Member>,
@@ -273,6 +325,8 @@ struct Connected {
     closing: Option<watch::Receiver<Option<CloseCause>>>,
     /// Registered while it lives when it leads back into sluice.
     _into_sluice: Option<loops::Registration>,
+    /// How long the connect took.
+    took: Duration,
 }
 
 /// Write `bytes` whole to a just-connected socket (a PROXY header: its
@@ -342,7 +396,22 @@ impl ListenerApp {
             loop_log: LogLimiter::new(),
             edge_log: LogLimiter::new(),
             tls: None,
+            ends: SessionEnds::default(),
+            log_name: Arc::from(settings.name.as_str()),
         }
+    }
+
+    /// End sessions as `ends` says (access log, shutdown cut).
+    pub fn with_ends(mut self, ends: SessionEnds) -> Self {
+        self.ends = ends;
+        self
+    }
+
+    fn logged(&self) -> Option<Logged<'_>> {
+        self.ends.access_log.as_deref().map(|log| Logged {
+            log,
+            record: Record::new(Arc::clone(&self.log_name)),
+        })
     }
 
     /// Serve TLS as `settings.tls` says, finding route pools with `pools`.
@@ -405,6 +474,11 @@ impl ListenerApp {
             }),
             Err(refusal) => {
                 self.metrics.connections.inc();
+                let mut log = self.logged();
+                note(&mut log, |r| {
+                    r.client = Some(peer);
+                    r.cause = refusal.cause();
+                });
                 self.refuse(refusal, &self.pool);
                 None
             }
@@ -446,6 +520,7 @@ impl ListenerApp {
     /// Admit a client, connect it to a backend and relay until it is done.
     async fn serve(&self, client: Socket, entry: Entry) {
         let m = &self.metrics;
+        let mut log = self.logged();
         // A trusted proxy's header first: it says who the client is.
         let Entry {
             peer,
@@ -470,6 +545,10 @@ impl ListenerApp {
                 Ok(Ok(received)) => received.addresses,
                 Ok(Err(e)) => {
                     let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+                    note(&mut log, |r| {
+                        r.client = peer;
+                        r.cause = Cause::RefusedProxyProtocol;
+                    });
                     self.refuse(
                         Refusal::ProxyProtocol(format!("from {from}: {e}")),
                         &self.pool,
@@ -478,6 +557,10 @@ impl ListenerApp {
                 }
                 Err(_) => {
                     let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+                    note(&mut log, |r| {
+                        r.client = peer;
+                        r.cause = Cause::RefusedProxyProtocol;
+                    });
                     self.refuse(
                         Refusal::ProxyProtocol(format!(
                             "from {from}: no complete PROXY protocol header within {}",
@@ -497,6 +580,10 @@ impl ListenerApp {
                 match self.admit_source(edge, addr) {
                     Ok(slot) => _slot = slot,
                     Err(refusal) => {
+                        note(&mut log, |r| {
+                            r.client = Some(addr);
+                            r.cause = refusal.cause();
+                        });
                         self.refuse(refusal, &self.pool);
                         return;
                     }
@@ -506,6 +593,10 @@ impl ListenerApp {
         let (_held, open) = Held::new(&self.active, &m.active);
         if let Some(max) = self.max_connections {
             if open > max as i64 {
+                note(&mut log, |r| {
+                    r.client = origin.map(|(a, _)| a).or(peer);
+                    r.cause = Cause::RefusedMaxConnections;
+                });
                 m.rejected_max_connections.inc();
                 if let Some(skipped) = self.limit_log.allow() {
                     warn!(
@@ -523,6 +614,7 @@ impl ListenerApp {
             c.peer_addr().ok().zip(c.local_addr().ok())
         });
         if hops >= loops::MAX_HOPS {
+            note(&mut log, |r| r.cause = Cause::RefusedLoop);
             self.refuse(Refusal::Loop, &self.pool);
             return;
         }
@@ -533,7 +625,13 @@ impl ListenerApp {
             None => (None, Arc::clone(&self.pool)),
             Some(front) => match Box::pin(front.accept(&client, &self.pool)).await {
                 Some(accepted) => accepted,
-                None => return,
+                None => {
+                    note(&mut log, |r| {
+                        r.client = origin.map(|(a, _)| a).or(peer);
+                        r.cause = Cause::RefusedTls;
+                    });
+                    return;
+                }
             },
         };
         let generation = pool.generation();
@@ -543,10 +641,17 @@ impl ListenerApp {
         // header or the socket tells and something needs them.
         let client_addr = match origin {
             Some((addr, _)) => Some(addr),
-            None => (needs_key || sends_proxy.is_some() || log::log_enabled!(log::Level::Debug))
-                .then(|| client.get_ref().peer_addr().ok())
-                .flatten(),
+            None => (needs_key
+                || sends_proxy.is_some()
+                || log.is_some()
+                || log::log_enabled!(log::Level::Debug))
+            .then(|| client.get_ref().peer_addr().ok())
+            .flatten(),
         };
+        note(&mut log, |r| {
+            r.client = client_addr;
+            r.pool = Some(Arc::from(pool.name.as_str()));
+        });
         let proxy_header = match (sends_proxy, client_addr) {
             (Some(version), Some(from)) => {
                 let to = origin
@@ -577,6 +682,15 @@ impl ListenerApp {
             {
                 Ok(connected) => connected,
                 Err(refusal) => {
+                    let cause = match refusal {
+                        // Candidates were tried and failed.
+                        Refusal::NoBackend if attempts.made > 0 => Cause::ConnectFailed,
+                        ref other => other.cause(),
+                    };
+                    note(&mut log, |r| {
+                        r.cause = cause;
+                        r.attempts = attempts.made;
+                    });
                     self.refuse(refusal, &pool);
                     return;
                 }
@@ -586,7 +700,13 @@ impl ListenerApp {
                 mut upstream,
                 closing,
                 _into_sluice,
+                took,
             } = connected;
+            note(&mut log, |r| {
+                r.backend = Some(Arc::clone(&member.backend.key));
+                r.connect = Some(took);
+                r.attempts = attempts.made;
+            });
             let backend = &member.backend;
             let _open = backend.open_connection();
             let up = Meter {
@@ -599,13 +719,28 @@ impl ListenerApp {
                 backend: &backend.metrics.bytes_out,
                 relay: &m.relay,
             };
+            let mut cut = self.ends.cut.clone();
             let abort = async move {
-                match closing {
-                    Some(mut closing) => {
+                let closed = async {
+                    match closing {
                         // A close since the subscription counts too.
-                        let _ = closing.changed().await;
+                        Some(mut closing) => {
+                            let _ = closing.changed().await;
+                        }
+                        None => std::future::pending().await,
                     }
-                    None => std::future::pending().await,
+                };
+                let shutdown = async {
+                    match &mut cut {
+                        Some(cut) => {
+                            let _ = cut.wait_for(|c| *c).await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = closed => {}
+                    _ = shutdown => {}
                 }
             };
             let (end, totals) = match (&mut tls, &mut upstream) {
@@ -640,6 +775,29 @@ impl ListenerApp {
                 continue;
             }
             m.duration.observe(started.elapsed().as_secs_f64());
+            if log.is_some() {
+                let cause = match &end {
+                    End::Done => match totals.first_to_close {
+                        Some(relay::Side::Backend) => Cause::BackendClosed,
+                        _ => Cause::ClientClosed,
+                    },
+                    End::IdleTimeout => Cause::IdleTimeout,
+                    End::Aborted if self.ends.cut.as_ref().is_some_and(|c| *c.borrow()) => {
+                        Cause::ClosedShutdown
+                    }
+                    End::Aborted => match backend.last_close_cause() {
+                        Some(CloseCause::Maintenance) => Cause::ClosedAdmin,
+                        _ => Cause::ClosedFailover,
+                    },
+                    End::Error(relay::Side::Client, _) => Cause::ClientError,
+                    End::Error(relay::Side::Backend, _) | End::Unused(_) => Cause::BackendError,
+                };
+                note(&mut log, |r| {
+                    r.cause = cause;
+                    r.bytes_in = totals.to_backend;
+                    r.bytes_out = totals.to_client;
+                });
+            }
             if log::log_enabled!(log::Level::Debug) {
                 let client_text = client_addr.map_or_else(|| "?".to_string(), |a| a.to_string());
                 let how = match end {
@@ -745,7 +903,6 @@ impl ListenerApp {
     ) -> Result<Connected, Refusal> {
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
-        let watch_closing = generation.closes_sessions();
         let tls = upstream::Dial::of(&generation.settings);
         drop(generation);
         while attempts.left > 0 {
@@ -754,11 +911,13 @@ impl ListenerApp {
             let pick = pool.pick(key, &attempts.ids).or_else(|| attempts.again());
             let Some((member, addr)) = pick else { break };
             attempts.record(&member);
+            attempts.made += 1;
             let backend = Arc::clone(&member.backend);
             let backend = &backend;
             // Before connecting: a close decided while the connect runs must
-            // still reach this session.
-            let closing = watch_closing.then(|| backend.watch_closing());
+            // still reach this session. Every session watches: an operator
+            // may put any backend in maintenance.
+            let closing = Some(backend.watch_closing());
             let _opening = backend.open_connection();
             let started = Instant::now();
             // Into one of sluice's own ports: follow the hops.
@@ -803,6 +962,7 @@ impl ListenerApp {
                         upstream,
                         closing,
                         _into_sluice: registration,
+                        took: started.elapsed(),
                     });
                 }
                 Err((_, e)) if crate::sys::is_local_exhaustion(&e) => {

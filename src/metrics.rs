@@ -211,8 +211,11 @@ pub struct Metrics {
     pool_failovers: IntCounterVec,
     pool_conflicts: IntGaugeVec,
     backend_role: IntGaugeVec,
+    backend_admin_state: IntGaugeVec,
     config_reloads: IntCounterVec,
     admin_requests: IntCounterVec,
+    /// Access-log lines dropped because the writer could not keep up.
+    pub access_log_dropped: IntCounter,
     config_last_reload_success: prometheus::Gauge,
     tls_handshakes: IntCounterVec,
     tls_handshake_duration: HistogramVec,
@@ -308,12 +311,25 @@ pub struct BackendMetrics {
     pub bytes_out: IntCounter,
     /// `sluice_backend_role` for `primary`, `replica`, `unknown`.
     role: [IntGauge; 3],
+    /// `sluice_backend_admin_state` for each of [`ADMIN_LABELS`].
+    admin: [IntGauge; 4],
 }
+
+/// The `state` label values of `sluice_backend_admin_state`, in
+/// [`BackendMetrics`] order.
+pub const ADMIN_LABELS: [&str; 4] = ["ready", "drain", "drained", "maint"];
 
 /// The `role` label values of `sluice_backend_role`, in [`BackendMetrics`] order.
 pub const ROLE_LABELS: [&str; 3] = ["primary", "replica", "unknown"];
 
 impl BackendMetrics {
+    /// Show `state` (an index into [`ADMIN_LABELS`]) as the current one.
+    pub fn set_admin(&self, state: usize) {
+        for (i, g) in self.admin.iter().enumerate() {
+            g.set(i64::from(i == state));
+        }
+    }
+
     /// Show `role` (an index into [`ROLE_LABELS`]) as the current one.
     pub fn set_role(&self, role: usize) {
         for (i, g) in self.role.iter().enumerate() {
@@ -493,6 +509,12 @@ impl Metrics {
                 "The role the backend reports (1 for the current one): primary, replica, or unknown (no role-aware check, or no answer yet).",
                 &["pool", "backend", "role"],
             ),
+            backend_admin_state: gauge(
+                &r,
+                "sluice_backend_admin_state",
+                "1 for the operator's state of the backend: ready, drain (no new connections), drained (drain, and none left open) or maint (no new connections, open ones closed).",
+                &["pool", "backend", "state"],
+            ),
             config_reloads: {
                 let c = counter(
                     &r,
@@ -504,6 +526,16 @@ impl Metrics {
                 for result in ["success", "failure"] {
                     c.with_label_values(&[result]);
                 }
+                c
+            },
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    "sluice_access_log_dropped_total",
+                    "Access-log lines dropped because the disk could not keep up (the data path never waits for it).",
+                )
+                .expect("metric options are constants and valid");
+                r.register(Box::new(c.clone()))
+                    .expect("each metric name is registered once");
                 c
             },
             admin_requests: counter(
@@ -661,6 +693,13 @@ impl Metrics {
                 g.set(i64::from(role == "unknown"));
                 g
             }),
+            admin: ADMIN_LABELS.map(|state| {
+                let g = self
+                    .backend_admin_state
+                    .with_label_values(&[pool, backend, state]);
+                g.set(i64::from(state == "ready"));
+                g
+            }),
         }
     }
 
@@ -740,6 +779,11 @@ impl Metrics {
             let _ = self
                 .backend_role
                 .remove_label_values(&[pool, backend, role]);
+        }
+        for state in ADMIN_LABELS {
+            let _ = self
+                .backend_admin_state
+                .remove_label_values(&[pool, backend, state]);
         }
     }
 

@@ -40,7 +40,7 @@ use crate::check::Role;
 use crate::config::{HostPort, Mode, PoolSettings, RoleRequirement};
 use crate::metrics::{BackendMetrics, Metrics, PoolMetrics};
 use crate::sys::lock;
-pub use core::{CloseCause, Health, Key, MoveError};
+pub use core::{AdminState, CloseCause, Health, Key, MoveError};
 use core::{Effect, Event, Spec};
 use roles::RoleBook;
 use selection::Selector;
@@ -80,6 +80,8 @@ pub struct Backend {
     role: AtomicU8,
     /// Whether failed connects are being counted (successes must reset them).
     passive_counting: AtomicBool,
+    /// [`AdminState`] as `u8`, mirrored from the decision core.
+    admin: AtomicU8,
     /// Connections open or being opened to it (least-connections reads it).
     open: AtomicI64,
     /// Changes each time the pool closes this backend's sessions. A session
@@ -93,8 +95,12 @@ pub struct OpenConnection<'a>(&'a Backend);
 
 impl Drop for OpenConnection<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        let left = self.0.open.fetch_sub(1, Relaxed) - 1;
         self.0.metrics.connections_active.dec();
+        if left == 0 && self.0.admin.load(Relaxed) == AdminState::Drain as u8 {
+            // The last one of a draining backend: shown as drained now.
+            self.0.show_admin();
+        }
     }
 }
 
@@ -108,6 +114,7 @@ impl Backend {
             health: AtomicU8::new(Health::Unknown as u8),
             role: AtomicU8::new(ROLE_UNKNOWN),
             passive_counting: AtomicBool::new(false),
+            admin: AtomicU8::new(AdminState::Ready as u8),
             open: AtomicI64::new(0),
             closing: watch::Sender::new(None),
         })
@@ -141,6 +148,33 @@ impl Backend {
         Arc::as_ptr(self) as usize
     }
 
+    /// The operator's state.
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Relaxed) {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+
+    /// The operator's state as shown: `drained` once a draining backend
+    /// has no connection left.
+    pub fn admin_label(&self) -> &'static str {
+        match self.admin_state() {
+            AdminState::Drain if self.open_connections() <= 0 => "drained",
+            other => other.as_str(),
+        }
+    }
+
+    fn show_admin(&self) {
+        let label = self.admin_label();
+        let index = crate::metrics::ADMIN_LABELS
+            .iter()
+            .position(|l| *l == label)
+            .unwrap_or(0);
+        self.metrics.set_admin(index);
+    }
+
     /// Connections open or being opened to it.
     pub fn open_connections(&self) -> i64 {
         self.open.load(Relaxed)
@@ -150,6 +184,11 @@ impl Backend {
     /// sees every close from now on.
     pub fn watch_closing(&self) -> watch::Receiver<Option<CloseCause>> {
         self.closing.subscribe()
+    }
+
+    /// Why its sessions were last told to close, if ever.
+    pub fn last_close_cause(&self) -> Option<CloseCause> {
+        *self.closing.borrow()
     }
 
     /// Close every session to it that watches.
@@ -212,11 +251,6 @@ impl Generation {
     pub fn needs_client_key(&self) -> bool {
         self.settings.algorithm == crate::config::Algorithm::SourceHash
             && self.settings.mode == Mode::ActiveActive
-    }
-
-    /// Whether new connections should watch for their backend closing.
-    pub fn closes_sessions(&self) -> bool {
-        self.spec.closes_sessions()
     }
 }
 
@@ -352,18 +386,54 @@ impl Pool {
             }
             Effect::Serving(serving) => {
                 for m in &generation.members {
-                    let on = serving.iter().any(|(k, _)| *k == m.backend.key);
+                    let on = serving.iter().any(|(k, _, _)| *k == m.backend.key);
                     m.serving.store(on, Relaxed);
                     m.backend.metrics.active.set(i64::from(on));
                 }
                 generation.selector.publish(
                     serving
                         .iter()
-                        .filter_map(|(k, addr)| {
-                            generation.member_by_key(k).map(|m| (*addr, Arc::clone(m)))
+                        .filter_map(|(k, addr, weight)| {
+                            generation
+                                .member_by_key(k)
+                                .map(|m| (*addr, Arc::clone(m), *weight))
                         })
                         .collect(),
                 );
+            }
+            Effect::Admin { key, state } => {
+                if let Some(b) = backend(&key) {
+                    b.admin.store(state as u8, Relaxed);
+                    b.show_admin();
+                }
+            }
+            Effect::CloseLater { key, after } => {
+                if let Some(b) = backend(&key) {
+                    let b = Arc::clone(b);
+                    // Sessions that outlast the grace are closed, unless the
+                    // backend is back in rotation by then.
+                    let close = async move {
+                        tokio::time::sleep(after).await;
+                        if b.admin_state() == AdminState::Maint {
+                            b.close_sessions(CloseCause::Maintenance);
+                        }
+                    };
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(handle) => {
+                            handle.spawn(close);
+                        }
+                        Err(_) => {
+                            std::thread::spawn(move || {
+                                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                                    .enable_time()
+                                    .build()
+                                {
+                                    rt.block_on(close);
+                                }
+                            });
+                        }
+                    }
+                }
             }
             Effect::Close { key, cause } => {
                 if let Some(b) = backend(&key) {
@@ -623,6 +693,44 @@ impl Pool {
         });
     }
 
+    /// Set the operator's state of `backend` (a configured address); for
+    /// `maint`, established sessions close after `grace`.
+    pub fn set_admin_state(
+        &self,
+        backend: &str,
+        state: AdminState,
+        grace: std::time::Duration,
+    ) -> Result<(), MoveError> {
+        let key = self.key_of(backend)?;
+        self.handle(Event::Admin { key, state, grace });
+        Ok(())
+    }
+
+    /// Set `backend`'s weight at run time (`None`: the configured one).
+    pub fn set_weight(&self, backend: &str, weight: Option<u32>) -> Result<(), MoveError> {
+        let key = self.key_of(backend)?;
+        self.handle(Event::Weight { key, weight });
+        Ok(())
+    }
+
+    fn key_of(&self, backend: &str) -> Result<Key, MoveError> {
+        self.generation()
+            .member_by_key(backend)
+            .map(|m| Arc::clone(&m.backend.key))
+            .ok_or_else(|| MoveError::UnknownBackend {
+                pool: self.name.clone(),
+                backend: backend.to_string(),
+            })
+    }
+
+    /// The weight in force for `backend` (the operator's, or the configured one).
+    pub fn weight_of(&self, member: &Member) -> u32 {
+        crate::sys::lock(&self.core)
+            .backend(&member.backend.key)
+            .and_then(|b| b.weight)
+            .unwrap_or(member.weight)
+    }
+
     /// Make `backend` (a configured address) the active one of a
     /// `failback: manual` active_passive pool.
     pub fn make_active(&self, backend: &str) -> Result<(), MoveError> {
@@ -664,7 +772,10 @@ impl Pool {
             .filter(|m| !m.backup)
             .chain(members.iter().filter(|m| m.backup));
         for m in priority {
-            if !tried.contains(&m.backend.id()) && m.backend.usable() {
+            if !tried.contains(&m.backend.id())
+                && m.backend.usable()
+                && m.backend.admin_state() == AdminState::Ready
+            {
                 if let Some(addr) = m.backend.resolved() {
                     return Some((Arc::clone(m), addr));
                 }

@@ -95,6 +95,9 @@ pub struct Totals {
     pub to_backend: u64,
     /// Backend to client.
     pub to_client: u64,
+    /// The side that finished sending first (the access log's "client
+    /// closed" or "backend closed"), where the relay saw it.
+    pub first_to_close: Option<Side>,
 }
 
 /// A failed step, named by the side whose socket failed.
@@ -294,7 +297,9 @@ impl Direction {
             if self.stage.held() == 0 {
                 // Idle or finished: the pipe or buffer goes back to the pool.
                 self.stage.release();
-                if self.eof && self.hold_eof {
+                // Only while nothing came from this side: bytes that arrived in
+                // the same wake-up as the EOF make the session a used one.
+                if self.eof && self.hold_eof && self.read == 0 {
                     return Poll::Ready(Err((from, io::ErrorKind::UnexpectedEof.into())));
                 }
                 if self.eof {
@@ -358,6 +363,7 @@ pub async fn relay_tcp(
     let mut c2b = Direction::new(options.splice);
     let mut b2c = Direction::new(options.splice);
     let mut timer = options.idle_timeout.map(IdleTimer::new);
+    let mut first_to_close = None;
     // One clock read per session; later ones only while nothing has moved.
     let unused_until = std::time::Instant::now() + options.unused_window;
     let end = poll_fn(|cx| {
@@ -399,16 +405,30 @@ pub async fn relay_tcp(
         if abort.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Aborted);
         }
+        note_first_eof(&mut first_to_close, c2b.eof, b2c.eof);
         Poll::Pending
     })
     .await;
+    note_first_eof(&mut first_to_close, c2b.eof, b2c.eof);
     (
         end,
         Totals {
             to_backend: c2b.total,
             to_client: b2c.total,
+            first_to_close,
         },
     )
+}
+
+/// Note which side finished sending first, the first time one has.
+fn note_first_eof(first: &mut Option<Side>, client_eof: bool, backend_eof: bool) {
+    if first.is_none() {
+        *first = match (client_eof, backend_eof) {
+            (true, _) => Some(Side::Client),
+            (false, true) => Some(Side::Backend),
+            _ => None,
+        };
+    }
 }
 
 #[cfg(test)]

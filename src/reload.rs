@@ -245,6 +245,9 @@ impl State {
         if current.admin != next.admin {
             summary.needs_restart.push("admin".to_string());
         }
+        if current.access_log != next.access_log {
+            summary.needs_restart.push("access_log".to_string());
+        }
 
         // Pools first, so listeners can point at them.
         let old: HashMap<String, Arc<Pool>> = self

@@ -19,6 +19,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 
+use crate::access_log::AccessLog;
 use crate::admin::server::AdminService;
 use crate::admin::{Access, AdminApp};
 use crate::config::Config;
@@ -45,6 +46,14 @@ pub struct RunOptions {
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The access log cannot be opened.
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        /// Where it should go.
+        target: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A thread could not be started.
     #[error("cannot start the reload thread: {source}")]
     Thread {
@@ -158,6 +167,16 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
         })
         .collect();
     let traffic = Traffic::new(Arc::clone(&metrics), listeners);
+    if let Some(settings) = &config.access_log {
+        let log =
+            AccessLog::start(settings, metrics.access_log_dropped.clone()).map_err(|source| {
+                StartError::AccessLog {
+                    target: format!("{:?}", settings.target),
+                    source,
+                }
+            })?;
+        traffic.set_access_log(log);
+    }
     let health = HealthChecks::new(pools.clone());
 
     let opt = Opt {

@@ -100,6 +100,10 @@ pub struct Traffic {
     source_limits: Mutex<HashMap<String, Arc<SourceLimiter>>>,
     /// The admin listener's address, among the held sockets.
     admin: Mutex<Option<String>>,
+    /// The access log, when configured.
+    access_log: OnceLock<Arc<crate::access_log::AccessLog>>,
+    /// Turns true when the shutdown timeout cuts the sessions left.
+    cut: watch::Sender<bool>,
     /// Finds the pools SNI routes name.
     pool_lookup: OnceLock<crate::tls::front::PoolLookup>,
 }
@@ -133,6 +137,8 @@ impl Traffic {
             client_counts: Mutex::new(HashMap::new()),
             source_limits: Mutex::new(HashMap::new()),
             admin: Mutex::new(None),
+            access_log: OnceLock::new(),
+            cut: watch::Sender::new(false),
             pool_lookup: OnceLock::new(),
         })
     }
@@ -455,6 +461,26 @@ impl Traffic {
             limiter,
         )
         .with_tls(settings, self.pool_lookup.get())
+        .with_ends(crate::listener::SessionEnds {
+            access_log: self.access_log.get().cloned(),
+            cut: Some(self.cut.subscribe()),
+        })
+    }
+
+    /// Write an access-log line for every connection (set before start).
+    pub fn set_access_log(&self, log: Arc<crate::access_log::AccessLog>) {
+        let _ = self.access_log.set(log);
+    }
+
+    /// The access log, if any.
+    pub fn access_log(&self) -> Option<&Arc<crate::access_log::AccessLog>> {
+        self.access_log.get()
+    }
+
+    /// The shutdown timeout ran out: end every session left, so that each
+    /// says so in the access log before the process exits.
+    pub fn cut_sessions(&self) {
+        self.cut.send_replace(true);
     }
 
     /// Wait for the pool, then accept until stopped or shut down.

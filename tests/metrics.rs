@@ -228,6 +228,20 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         ) >= 1.0
     );
 
+    // Every backend starts in rotation.
+    assert_eq!(
+        m.value(
+            "sluice_backend_admin_state",
+            &[
+                ("pool", "app"),
+                ("backend", &good.addr.to_string()),
+                ("state", "ready")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(m.value("sluice_access_log_dropped_total", &[]), 0.0);
+
     // Labels are bounded: only these names appear, so no client address can.
     let allowed = [
         "listener",
@@ -244,6 +258,7 @@ async fn every_metric_is_exported_with_its_labels_and_moves() {
         "le",
         "endpoint",
         "code",
+        "state",
         // sluice_tls_certificate_expiry_timestamp_seconds: configured files.
         "scope",
         "name",

@@ -235,7 +235,7 @@ fn missing_sections_and_bad_names() {
         [
             "listeners.Web: names may only use a-z, 0-9, `_` and `-` (line 1, column 14)",
             "pools: must have at least one entry (line 2, column 1)",
-            "extra: unknown key `extra` (expected one of: server, admin, listeners, pools) (line 3, column 1)",
+            "extra: unknown key `extra` (expected one of: server, admin, listeners, pools, access_log) (line 3, column 1)",
         ]
     );
 }

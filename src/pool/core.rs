@@ -97,6 +97,31 @@ pub struct MemberSpec {
     pub key: Key,
     /// Serves only while no non-backup backend is up.
     pub backup: bool,
+    /// Its configured share of connections.
+    pub weight: u32,
+}
+
+/// What an operator says about a backend, beside what checks say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminState {
+    /// In rotation when healthy.
+    #[default]
+    Ready,
+    /// No new connections; established ones run to their end.
+    Drain,
+    /// No new connections; established ones are closed (after a grace).
+    Maint,
+}
+
+impl AdminState {
+    /// The name used by the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
 }
 
 impl Spec {
@@ -120,16 +145,10 @@ impl Spec {
                 .map(|b| MemberSpec {
                     key: Arc::from(b.address.as_str()),
                     backup: b.backup,
+                    weight: b.weight,
                 })
                 .collect(),
         }
-    }
-
-    /// Whether sessions may have to close, so that new ones should watch for it.
-    pub fn closes_sessions(&self) -> bool {
-        self.on_backend_down == SessionPolicy::Close
-            || (self.on_failback == SessionPolicy::Close && self.mode == Mode::ActivePassive)
-            || self.role == RoleRequirement::Primary
     }
 }
 
@@ -148,6 +167,13 @@ pub struct BackendState {
     pub addr: Option<SocketAddr>,
     /// Failed connects of real traffic since the last success.
     pub passive_failures: u32,
+    /// The operator's state (kept across reloads while the backend stays).
+    pub admin: AdminState,
+    /// A weight an operator set at run time, over the configured one.
+    pub weight: Option<u32>,
+    /// The configured weight the override was set against: a reload that
+    /// changes it drops the override.
+    configured_weight: u32,
 }
 
 impl BackendState {
@@ -160,12 +186,20 @@ impl BackendState {
             role: None,
             addr: None,
             passive_failures: 0,
+            admin: AdminState::Ready,
+            weight: None,
+            configured_weight: 0,
         }
     }
 
     /// Up, with an address to connect to.
     pub fn usable(&self) -> bool {
         self.health == Health::Up && self.addr.is_some()
+    }
+
+    /// Usable, and in rotation by the operator's say.
+    pub fn in_rotation(&self) -> bool {
+        self.usable() && self.admin == AdminState::Ready
     }
 
     /// The role shown for it: none while it is not up.
@@ -218,8 +252,9 @@ pub struct State {
     /// A read pool over addresses a write pool decides for follows that
     /// pool: `Some(where its writes go)`. `None`: decide here.
     pub follow: Option<Option<Key>>,
-    /// Who takes new connections, with the address to connect to.
-    pub serving: Vec<(Key, SocketAddr)>,
+    /// Who takes new connections, with the address to connect to and
+    /// the weight in force.
+    pub serving: Vec<(Key, SocketAddr, u32)>,
     /// Whether the first health-check round has finished.
     pub ready: bool,
     reported_empty: bool,
@@ -266,6 +301,8 @@ pub enum CloseCause {
     Failback,
     /// The backend no longer takes the writes.
     PrimaryMoved,
+    /// An operator put the backend in maintenance.
+    Maintenance,
 }
 
 /// One observation.
@@ -307,6 +344,23 @@ pub enum Event {
     },
     /// Where the writes of the pool this one follows go now.
     Follow(Option<Option<Key>>),
+    /// An operator set a backend's state; for `maint`, established
+    /// sessions close after `grace`.
+    Admin {
+        /// The backend.
+        key: Key,
+        /// Its state now.
+        state: AdminState,
+        /// Maintenance: how long established sessions may run on.
+        grace: Duration,
+    },
+    /// An operator set a backend's weight (`None`: back to the configured one).
+    Weight {
+        /// The backend.
+        key: Key,
+        /// The weight.
+        weight: Option<u32>,
+    },
     /// The first health-check round ended.
     FirstRoundDone,
     /// The spec changed (reload): members may have come and gone.
@@ -338,13 +392,28 @@ pub enum Effect {
         role: Option<Role>,
     },
     /// The serving set changed.
-    Serving(Vec<(Key, SocketAddr)>),
+    Serving(Vec<(Key, SocketAddr, u32)>),
     /// Close the open sessions to a backend.
     Close {
         /// The backend.
         key: Key,
         /// Why.
         cause: CloseCause,
+    },
+    /// Close the open sessions to a backend once `after` has passed (unless
+    /// it is back in rotation by then).
+    CloseLater {
+        /// The backend.
+        key: Key,
+        /// The grace.
+        after: Duration,
+    },
+    /// A backend's operator state changed.
+    Admin {
+        /// The backend.
+        key: Key,
+        /// Its state now.
+        state: AdminState,
     },
     /// Traffic moved off a failed backend or tier.
     Failover,
@@ -405,7 +474,7 @@ pub fn check_make_active(
             pool: name.to_string(),
             backend: key.to_string(),
         })?;
-    if !b.usable() {
+    if !b.in_rotation() {
         return Err(MoveError::NotUp(key.to_string()));
     }
     Ok(())
@@ -462,6 +531,61 @@ pub fn step(
             }
         }
         Event::Follow(follow) => state.follow = follow,
+        Event::Admin {
+            key,
+            state: to,
+            grace,
+        } => {
+            if let Some(b) = state.backend_mut(&key) {
+                if b.admin != to {
+                    let was = b.admin;
+                    b.admin = to;
+                    fx.push(Effect::Admin {
+                        key: Arc::clone(&key),
+                        state: to,
+                    });
+                    fx.push(Effect::Log(
+                        Level::Info,
+                        format!(
+                            "pool {name}: operator set backend {key} to {} (was {})",
+                            to.as_str(),
+                            was.as_str()
+                        ),
+                    ));
+                }
+                if to == AdminState::Maint {
+                    fx.push(if grace.is_zero() {
+                        Effect::Close {
+                            key,
+                            cause: CloseCause::Maintenance,
+                        }
+                    } else {
+                        Effect::CloseLater { key, after: grace }
+                    });
+                }
+            }
+        }
+        Event::Weight { key, weight } => {
+            let configured = spec
+                .members
+                .iter()
+                .find(|m| m.key == key)
+                .map_or(1, |m| m.weight);
+            if let Some(b) = state.backend_mut(&key) {
+                b.weight = weight;
+                b.configured_weight = configured;
+                fx.push(Effect::Log(
+                    Level::Info,
+                    format!(
+                        "pool {name}: operator set backend {key}'s weight to {}",
+                        weight.map_or_else(
+                            || format!("the configured {configured}"),
+                            |w| w.to_string()
+                        )
+                    ),
+                ));
+            }
+        }
         Event::FirstRoundDone => {
             if !state.ready {
                 state.ready = true;
@@ -489,7 +613,14 @@ fn reconfigure(spec: &Spec, state: &mut State, fx: &mut Vec<Effect>) {
         .members
         .iter()
         .map(|m| match old.iter().position(|b| b.key == m.key) {
-            Some(i) => old.swap_remove(i),
+            Some(i) => {
+                let mut b = old.swap_remove(i);
+                // A weight set at run time yields to a newly configured one.
+                if b.weight.is_some() && b.configured_weight != m.weight {
+                    b.weight = None;
+                }
+                b
+            }
             None => BackendState::new(Arc::clone(&m.key)),
         })
         .collect();
@@ -687,18 +818,25 @@ fn connect_failed(
 
 /// Work out who serves, and the effects of any change.
 fn decide(name: &str, spec: &Spec, state: &mut State, now: Instant, fx: &mut Vec<Effect>) {
-    let eligible = eligible(name, spec, state, now, fx);
+    // Drained and maintained backends take no new connections; their
+    // health, roles and the write holder are still tracked.
+    let eligible: Vec<bool> = eligible(name, spec, state, now, fx)
+        .into_iter()
+        .zip(&state.backends)
+        .map(|(e, b)| e && b.admin == AdminState::Ready)
+        .collect();
     let serving: Vec<usize> = match spec.mode {
         Mode::ActiveActive => active_active(name, spec, state, &eligible, fx),
         Mode::ActivePassive => active_passive(name, spec, state, &eligible, fx)
             .into_iter()
             .collect(),
     };
-    let serving: Vec<(Key, SocketAddr)> = serving
+    let serving: Vec<(Key, SocketAddr, u32)> = serving
         .into_iter()
         .filter_map(|i| {
             let b = &state.backends[i];
-            b.addr.map(|a| (Arc::clone(&b.key), a))
+            let weight = b.weight.unwrap_or(spec.members[i].weight);
+            b.addr.map(|a| (Arc::clone(&b.key), a, weight))
         })
         .collect();
     if serving.is_empty() {
@@ -735,10 +873,12 @@ fn eligible(
             only(state, writes.as_deref())
         }
         RoleRequirement::Replica => {
+            // A replica taken out by the operator counts as absent, so reads
+            // may fall back to the primary when all are.
             let replicas: Vec<bool> = state
                 .backends
                 .iter()
-                .map(|b| b.usable() && b.role == Some(Role::Replica))
+                .map(|b| b.in_rotation() && b.role == Some(Role::Replica))
                 .collect();
             if !spec.fallback_to_primary {
                 set_conflicts(state, 0, fx);
@@ -1055,6 +1195,16 @@ fn active_passive(
         Some(prev) if prev != to => {
             let prev_state = index(&prev).map(|i| (&state.backends[i], eligible[i]));
             match prev_state {
+                Some((b, false)) if b.usable() && b.admin != AdminState::Ready => {
+                    // Taken out by an operator: a handover, not a failure.
+                    fx.push(Effect::Log(
+                        Level::Info,
+                        format!(
+                            "pool {name}: {prev} is in {} by the operator; {to} is the active backend",
+                            b.admin.as_str()
+                        ),
+                    ));
+                }
                 Some((b, false)) if b.usable() => {
                     // Up, but without the role the pool needs (a promotion).
                     fx.push(Effect::Failover);

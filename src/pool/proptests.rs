@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::core::{self, Event, Health, Key, MemberSpec, Spec, State, step};
+use super::core::{self, AdminState, Event, Health, Key, MemberSpec, Spec, State, step};
 use super::roles::RoleRecord;
 use crate::check::Role;
 use crate::config::{Failback, Mode, RoleRequirement, SessionPolicy};
@@ -32,6 +32,8 @@ enum Step {
     ConnectFailed(usize),
     ConnectSucceeded(usize),
     MakeActive(usize),
+    /// An operator sets backend `i`'s state.
+    Admin(usize, AdminState),
     FirstRoundDone,
     /// Time passes.
     Wait(Duration),
@@ -51,6 +53,11 @@ fn steps(n: usize) -> impl Strategy<Value = Vec<Step>> {
         2 => (0..n).prop_map(Step::ConnectFailed),
         1 => (0..n).prop_map(Step::ConnectSucceeded),
         1 => (0..n).prop_map(Step::MakeActive),
+        1 => (0..n, prop_oneof![
+            2 => Just(AdminState::Ready),
+            1 => Just(AdminState::Drain),
+            1 => Just(AdminState::Maint),
+        ]).prop_map(|(i, a)| Step::Admin(i, a)),
         1 => Just(Step::FirstRoundDone),
         2 => (0u64..3000).prop_map(|ms| Step::Wait(Duration::from_millis(ms))),
     ];
@@ -124,19 +131,21 @@ fn spec(s: &Setup, role: RoleRequirement) -> Spec {
             .map(|i| MemberSpec {
                 key: key(i),
                 backup: plain && s.backups[i],
+                weight: 1,
             })
             .collect(),
     }
 }
 
 fn serving_keys(st: &State) -> Vec<Key> {
-    st.serving.iter().map(|(k, _)| Arc::clone(k)).collect()
+    st.serving.iter().map(|(k, _, _)| Arc::clone(k)).collect()
 }
 
+/// Backends that may take new connections: up and in rotation.
 fn usable_keys(st: &State) -> Vec<Key> {
     st.backends
         .iter()
-        .filter(|b| b.usable())
+        .filter(|b| b.in_rotation())
         .map(|b| Arc::clone(&b.key))
         .collect()
 }
@@ -194,7 +203,7 @@ fn check_plain(spec: &Spec, before: &State, after: &State, event: &Event) -> Res
                 }
                 Failback::Manual => {
                     let was = serving_keys(before);
-                    let moved = matches!(event, Event::MakeActive { .. });
+                    let moved = matches!(event, Event::MakeActive { .. } | Event::Admin { .. });
                     if let Some(prev) = was.first().filter(|_| before.ready) {
                         if usable.contains(prev) && !moved && serving.first() != Some(prev) {
                             return Err(format!(
@@ -226,6 +235,9 @@ fn check_writes(
         let b = after.backend(k).ok_or("serving a non-member")?;
         if !(b.usable() && b.role == Some(Role::Primary)) {
             return Err(format!("{k} takes writes but does not claim primary"));
+        }
+        if b.admin != AdminState::Ready {
+            return Err(format!("{k} takes writes while in {}", b.admin.as_str()));
         }
         if after.is_refused(k) {
             return Err(format!("{k} takes writes while refused"));
@@ -262,11 +274,17 @@ fn check_writes(
                 ));
             }
         }
-    } else if after.writes.is_some() {
-        return Err("writes published while nothing serves".to_string());
+    } else if let Some(w) = &after.writes {
+        // Only an operator taking the holder out leaves it without writes.
+        if after
+            .backend(w)
+            .is_none_or(|b| b.admin == AdminState::Ready)
+        {
+            return Err("writes published while nothing serves".to_string());
+        }
     }
     let claim = claimants(after);
-    let refused = claim.len() - usize::from(!serving.is_empty());
+    let refused = claim.len() - usize::from(after.writes.is_some());
     if after.conflicts as usize != refused {
         return Err(format!(
             "conflicts {} but {refused} claimants are refused",
@@ -282,7 +300,7 @@ fn check_reads(writes: &State, reads: &State) -> Result<(), String> {
     let replicas: Vec<Key> = reads
         .backends
         .iter()
-        .filter(|b| b.usable() && b.role == Some(Role::Replica))
+        .filter(|b| b.in_rotation() && b.role == Some(Role::Replica))
         .map(|b| Arc::clone(&b.key))
         .collect();
     if replicas.is_empty() {
@@ -342,6 +360,11 @@ fn run(setup: &Setup, script: &[Step], drop_for_reads: &[bool]) -> Result<(), St
             },
             Step::ConnectSucceeded(i) => Event::ConnectSucceeded { key: key(*i) },
             Step::MakeActive(i) => Event::MakeActive { key: key(*i) },
+            Step::Admin(i, state) => Event::Admin {
+                key: key(*i),
+                state: *state,
+                grace: Duration::ZERO,
+            },
             Step::FirstRoundDone => Event::FirstRoundDone,
         };
         let at = |e: String| format!("step {n} ({s:?}): {e}");
@@ -379,6 +402,14 @@ fn run(setup: &Setup, script: &[Step], drop_for_reads: &[bool]) -> Result<(), St
             reads = next;
         }
         check_reads(&writes, &reads).map_err(at)?;
+        // Whatever the pool, nobody an operator took out takes new connections.
+        for st in [&plain, &writes, &reads] {
+            for k in serving_keys(st) {
+                if st.backend(&k).is_some_and(|b| b.admin != AdminState::Ready) {
+                    return Err(at(format!("{k} serves while taken out by the operator")));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -406,6 +437,7 @@ proptest! {
                 Step::ConnectFailed(i) => Step::ConnectFailed(i % setup.n),
                 Step::ConnectSucceeded(i) => Step::ConnectSucceeded(i % setup.n),
                 Step::MakeActive(i) => Step::MakeActive(i % setup.n),
+                Step::Admin(i, a) => Step::Admin(i % setup.n, a),
                 other => other,
             })
             .collect();

@@ -82,13 +82,13 @@ impl Selector {
 
     /// Replace the serving set. Callers serialise this (the pool's lock), as
     /// pingora requires of `update`.
-    pub(super) fn publish(&self, members: Vec<(SocketAddr, Arc<Member>)>) {
+    pub(super) fn publish(&self, members: Vec<(SocketAddr, Arc<Member>, u32)>) {
         let set: BTreeSet<Backend> = members
             .into_iter()
-            .map(|(addr, member)| {
+            .map(|(addr, member, weight)| {
                 let mut b = Backend {
                     addr: PingoraAddr::Inet(addr),
-                    weight: member.weight.max(1) as usize,
+                    weight: weight.max(1) as usize,
                     ext: Default::default(),
                 };
                 b.ext.insert(member);

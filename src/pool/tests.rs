@@ -317,7 +317,6 @@ async fn marking_down_closes_sessions_when_the_pool_says_so() {
     );
     set(&p, 0, Health::Up);
     set(&p, 1, Health::Up);
-    assert!(p.generation().closes_sessions());
     let b = p.backend(0);
     let mut closing = b.watch_closing();
     set(&p, 0, Health::Down);

@@ -911,6 +911,7 @@ pub(super) async fn relay_on(
         Totals {
             to_backend,
             to_client,
+            first_to_close: None,
         },
     ))
 }

@@ -382,8 +382,9 @@ impl Flow {
                     }
                 }
             }
-            // The source ended and everything was written.
-            if self.hold_eof {
+            // The source ended and everything was written. Held back only
+            // while nothing came from it at all.
+            if self.hold_eof && self.read == 0 {
                 return Poll::Ready(Err((from, io::ErrorKind::UnexpectedEof.into())));
             }
             // Pass the end on. With the other direction done too, a peer
@@ -431,6 +432,7 @@ where
     let mut c2b = Flow::new();
     let mut b2c = Flow::new();
     let mut timer = options.idle_timeout.map(IdleTimer::new);
+    let mut first_to_close = None;
     let unused_until = std::time::Instant::now() + options.unused_window;
     let end = poll_fn(|cx| {
         let mut moved = false;
@@ -467,14 +469,17 @@ where
         if abort.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Aborted);
         }
+        super::note_first_eof(&mut first_to_close, c2b.eof, b2c.eof);
         Poll::Pending
     })
     .await;
+    super::note_first_eof(&mut first_to_close, c2b.eof, b2c.eof);
     (
         end,
         Totals {
             to_backend: c2b.total,
             to_client: b2c.total,
+            first_to_close,
         },
     )
 }

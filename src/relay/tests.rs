@@ -278,11 +278,8 @@ async fn tcp_relay_moves_large_transfers_intact_both_ways() {
         }
         assert!(matches!(end, End::Done), "{end:?}");
         assert_eq!(
-            totals,
-            Totals {
-                to_backend: LEN as u64,
-                to_client: LEN as u64
-            }
+            (totals.to_backend, totals.to_client),
+            (LEN as u64, LEN as u64)
         );
         assert_eq!((up, down), (LEN as u64, LEN as u64), "every byte counted");
     }
@@ -370,7 +367,7 @@ async fn a_backend_gone_before_the_session_began_is_reported_as_unused() {
         drop(backend_end);
         let (end, totals, ..) = relay.await.unwrap();
         assert!(matches!(end, End::Unused(_)), "{end:?}");
-        assert_eq!(totals, Totals::default());
+        assert_eq!((totals.to_backend, totals.to_client), (0, 0));
         drop(client_end);
     }
 }
@@ -506,7 +503,7 @@ async fn a_backend_gone_right_after_entering_the_fast_path_is_unused() {
         drop(backend_end);
         let (end, totals, ..) = relay.await.unwrap();
         assert!(matches!(end, End::Unused(_)), "{end:?} {run:?}");
-        assert_eq!(totals, Totals::default());
+        assert_eq!((totals.to_backend, totals.to_client), (0, 0));
         drop(client_end);
     }
 }
@@ -528,5 +525,54 @@ fn the_fast_path_probe_names_its_verdict() {
                 "{why}"
             );
         }
+    }
+}
+
+/// A backend that answers and closes at once (a greeting, then EOF in the
+/// same wake-up) before the client sent anything: a finished session, not
+/// an error, and the client gets the greeting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_answers_and_closes_at_once_ends_the_session_cleanly() {
+    for splice in [true, false] {
+        let (mut client_end, proxy_client) = socket_pair().await;
+        let (proxy_backend, mut backend_end) = socket_pair().await;
+        // Greeting and FIN are both waiting when the relay first looks.
+        backend_end.write_all(b"hello\n").await.unwrap();
+        backend_end.shutdown().await.unwrap();
+        let as_socket = |s: TcpStream| socket::register(s.into_std().unwrap()).unwrap();
+        let (proxy_client, proxy_backend) = (as_socket(proxy_client), as_socket(proxy_backend));
+        let relay = tokio::spawn(async move {
+            let counters = RelayCounters {
+                spliced: counter(),
+                normal: counter(),
+                sockmap: counter(),
+            };
+            let (a, b, c, d) = (counter(), counter(), counter(), counter());
+            let options = Options { splice, ..NORMAL };
+            relay_tcp(
+                &proxy_client,
+                &proxy_backend,
+                options,
+                Meter {
+                    listener: &a,
+                    backend: &b,
+                    relay: &counters,
+                },
+                Meter {
+                    listener: &c,
+                    backend: &d,
+                    relay: &counters,
+                },
+                std::future::pending(),
+            )
+            .await
+        });
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello\n");
+        drop((client_end, backend_end));
+        let (end, totals) = relay.await.unwrap();
+        assert!(matches!(end, End::Done), "{end:?}");
+        assert_eq!(totals.first_to_close, Some(Side::Backend));
     }
 }
