@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The TLS peers: curl, openssl s_client, redis-cli --tls and NGINX as an HTTPS
 # backend; HAProxy and NGINX (with its stream module) as PROXY protocol peers
 # (all run by the tests in the foreground, never as a service).
-DEB_PACKAGES := cmake prometheus mariadb-server mariadb-client redis-server redis-tools postgresql \
+DEB_PACKAGES := cmake systemd prometheus mariadb-server mariadb-client redis-server redis-tools postgresql \
 	curl openssl haproxy nginx-light libnginx-mod-stream
 # The peers and load generators `make bench` runs side by side with sluice.
 BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools

@@ -1,5 +1,5 @@
 //! The command line: flags, `-t` (test the configuration), start-up, and
-//! the `healthcheck` subcommand.
+//! the `healthcheck` and `ctl` subcommands.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -41,6 +41,10 @@ pub enum Command {
     /// listener answers `GET /readyz` with 2xx, 1 otherwise (for container
     /// health checks and keepalived; the image has no curl).
     Healthcheck(HealthcheckArgs),
+    /// Control a running sluice through its admin API: `status`, `drain`,
+    /// `maint`, `ready`, `weight`, `activate`, `reload` (the admin address
+    /// and token come from the configuration file).
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// `sluice healthcheck` flags.
@@ -130,6 +134,20 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
         return healthcheck(&cli.conf, args);
+    }
+    if let Some(Command::Ctl(args)) = &cli.command {
+        if cli.test || cli.daemon || cli.upgrade {
+            eprintln!("error: -t, -d and -u cannot be used with `ctl`");
+            return ExitCode::from(2);
+        }
+        return match crate::ctl::run(&cli.conf, args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("sluice ctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let config = match Config::load(&cli.conf) {
         Ok(c) => c,

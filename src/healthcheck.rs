@@ -1,10 +1,12 @@
-//! `sluice healthcheck`: ask a running sluice's admin listener whether it is
-//! ready. Container images without curl (`docker/Dockerfile` ships sluice and
-//! glibc, nothing else) and keepalived track scripts run it.
+//! Asking a running sluice's admin listener: `sluice healthcheck` (whether
+//! it is ready; container images without curl — `docker/Dockerfile` ships
+//! sluice and glibc, nothing else — and keepalived track scripts run it) and
+//! the HTTP client under `sluice ctl`.
 //!
-//! One `GET` over a fresh connection, bounded in time and in bytes read:
-//! 2xx is healthy, anything else (another status, a refused connection, a
-//! timeout, an answer that is not HTTP) is not, with the reason printed.
+//! One request over a fresh connection, bounded in time and in bytes read.
+//! For the health check, 2xx is healthy, anything else (another status, a
+//! refused connection, a timeout, an answer that is not HTTP) is not, with
+//! the reason printed.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -48,6 +50,9 @@ pub enum ProbeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The token holds a character that cannot go in a header.
+    #[error("the admin token holds whitespace or control characters")]
+    BadToken,
     /// The peer answered something that is not an HTTP/1.x response.
     #[error("{addr} did not answer HTTP: {why}")]
     NotHttp {
@@ -90,8 +95,39 @@ pub fn dial_address(bind: SocketAddr) -> SocketAddr {
 
 /// `GET path` from `addr`, all of it within `limit`.
 pub fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<Answer, ProbeError> {
-    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ProbeError::BadPath(path.escape_debug().to_string()));
+    let reply = request(addr, "GET", path, None, limit, MAX_ANSWER)?;
+    Ok(Answer {
+        status: reply.status,
+        first_line: first_line(&reply.body),
+    })
+}
+
+/// A whole answer of [`request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The HTTP status code.
+    pub status: u16,
+    /// The body, at most the `max` given (less the header).
+    pub body: Vec<u8>,
+    /// Whether the answer went past `max` and the rest was not read.
+    pub truncated: bool,
+}
+
+/// One `method target` request to `addr` over a fresh connection, with a
+/// bearer token when given, all of it within `limit`, reading at most `max`
+/// bytes of answer. The body ends at its `Content-Length`, at the close, or
+/// at `max` (then `truncated`).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    token: Option<&str>,
+    limit: Duration,
+    max: usize,
+) -> Result<Reply, ProbeError> {
+    let clean = |s: &str| !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !target.starts_with('/') || !clean(target) {
+        return Err(ProbeError::BadPath(target.escape_debug().to_string()));
     }
     let deadline = Instant::now() + limit;
     let timeout = || ProbeError::Timeout { addr, limit };
@@ -114,13 +150,19 @@ pub fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<Answer, Pr
     stream
         .set_write_timeout(Some(remaining().ok_or_else(timeout)?))
         .map_err(io)?;
+    let authorization = match token {
+        // A token with a line break would split the header: never sent.
+        Some(t) if clean(t) => format!("Authorization: Bearer {t}\r\n"),
+        Some(_) => return Err(ProbeError::BadToken),
+        None => String::new(),
+    };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sluice-healthcheck\r\nConnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sluice\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).map_err(io)?;
 
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
+    let mut chunk = [0u8; 8192];
     let mut eof = false;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -135,12 +177,14 @@ pub fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<Answer, Pr
                     .and_then(|h| std::str::from_utf8(h.value).ok())
                     .and_then(|v| v.trim().parse::<usize>().ok());
                 let body = &buf[head..];
-                let line_done = body.contains(&b'\n');
                 let body_done = length.is_some_and(|n| body.len() >= n);
-                if eof || line_done || body_done || buf.len() >= MAX_ANSWER {
-                    return Ok(Answer {
+                let truncated = buf.len() >= max && !body_done;
+                if eof || body_done || truncated {
+                    let end = length.map_or(body.len(), |n| n.min(body.len()));
+                    return Ok(Reply {
                         status,
-                        first_line: first_line(body),
+                        body: body[..end].to_vec(),
+                        truncated,
                     });
                 }
             }
@@ -154,10 +198,10 @@ pub fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<Answer, Pr
                     },
                 });
             }
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_ANSWER => {
+            Ok(httparse::Status::Partial) if buf.len() >= max.min(MAX_ANSWER) => {
                 return Err(ProbeError::NotHttp {
                     addr,
-                    why: format!("no end of header in the first {MAX_ANSWER} bytes"),
+                    why: format!("no end of header in the first {} bytes", buf.len()),
                 });
             }
             Ok(httparse::Status::Partial) => {}
@@ -171,7 +215,7 @@ pub fn probe(addr: SocketAddr, path: &str, limit: Duration) -> Result<Answer, Pr
         stream
             .set_read_timeout(Some(remaining().ok_or_else(timeout)?))
             .map_err(io)?;
-        let room = (MAX_ANSWER - buf.len()).min(chunk.len());
+        let room = (max - buf.len()).min(chunk.len());
         match stream.read(&mut chunk[..room]) {
             Ok(0) => eof = true,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),

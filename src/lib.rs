@@ -7,7 +7,9 @@
 //! | [`access_log`] | one line per connection at its end, written off the data path |
 //! | [`cli`] | flags, `-t`, start-up, subcommands |
 //! | [`edge`] | before a backend is picked: source allow/deny, per-source limits, the PROXY protocol |
-//! | [`healthcheck`] | `sluice healthcheck`: one bounded `GET /readyz` for container health checks |
+//! | [`healthcheck`] | `sluice healthcheck`: one bounded `GET /readyz` for container health checks; the admin client under `ctl` |
+//! | [`ctl`] | `sluice ctl`: drain, maint, ready, weights, reload and a status table from the command line |
+//! | [`systemd`] | readiness, reloads and shutdown reported to systemd (`sd_notify`) |
 //! | [`config`] | the YAML schema, defaults, validation with paths and line numbers |
 //! | [`server`] | turning a config into pingora services and running them |
 //! | [`traffic`] | the L4 service: listening sockets, accept loops, fd-exhaustion refusals |
@@ -31,6 +33,7 @@ pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod edge;
 pub mod handover;
 pub mod health;
@@ -45,5 +48,6 @@ pub mod reload;
 pub mod server;
 pub mod state;
 pub mod sys;
+pub mod systemd;
 pub mod tls;
 pub mod traffic;

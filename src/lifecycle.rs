@@ -99,6 +99,7 @@ impl ShutdownSignalWatch for Signals {
                 }
                 _ = int.recv() => {
                     info!("SIGINT received: exiting now");
+                            crate::systemd::stopping();
                     return ShutdownSignal::FastShutdown;
                 }
                 _ = quit.recv() => {
@@ -110,6 +111,7 @@ impl ShutdownSignalWatch for Signals {
                         outcome = self.hand_over() => outcome,
                         _ = int.recv() => {
                             info!("SIGINT received: exiting now");
+                            crate::systemd::stopping();
                             return ShutdownSignal::FastShutdown;
                         }
                     };
@@ -129,6 +131,7 @@ impl ShutdownSignalWatch for Signals {
                 }
                 _ = term.recv() => {
                     self.state.begin_drain();
+                    crate::systemd::stopping();
                     info!(
                         "SIGTERM received: not ready any more; listeners close in {}",
                         humantime::format_duration(self.grace_period)
@@ -137,6 +140,7 @@ impl ShutdownSignalWatch for Signals {
                         _ = tokio::time::sleep(self.grace_period) => {}
                         _ = int.recv() => {
                             info!("SIGINT received: exiting now");
+                            crate::systemd::stopping();
                             return ShutdownSignal::FastShutdown;
                         }
                     }

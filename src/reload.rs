@@ -155,6 +155,16 @@ impl State {
     /// The running configuration stays in force when this fails. A shutdown
     /// that begins while the file is read wins: nothing is applied.
     pub fn reload(&self) -> Result<Summary, ReloadError> {
+        crate::systemd::reloading();
+        let outcome = self.reload_now();
+        crate::systemd::reloaded(match &outcome {
+            Ok(_) => "serving; configuration reloaded",
+            Err(_) => "serving; the last reload failed (see the log)",
+        });
+        outcome
+    }
+
+    fn reload_now(&self) -> Result<Summary, ReloadError> {
         let mut current = crate::sys::lock(&self.config);
         let result = if self.is_draining() {
             Err(ReloadError::Draining)

@@ -643,6 +643,7 @@ impl ServiceWithDependents for TrafficService {
                 );
             }
             traffic.started.store(true, Relaxed);
+            crate::systemd::ready("serving");
         }
         ready.notify_ready();
         raised(&mut shutdown).await;
