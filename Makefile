@@ -3,7 +3,8 @@
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics in the tests.
+# cmake: pingora's zlib-ng build. prometheus: promtool, which checks /metrics and the alert
+# rules in the tests, and the server that tests/prometheus.rs runs against sluice.
 # The database servers: the role-aware health checks are tested against real ones
 # (started by the tests on loopback ports, never as system services).
 # The TLS peers: curl, openssl s_client, redis-cli --tls and NGINX as an HTTPS

@@ -1,9 +1,11 @@
-//! Real database servers on 127.0.0.1 for integration tests: MariaDB,
-//! Redis and PostgreSQL, each alone or as a primary with a replica.
+//! Real servers on 127.0.0.1 for integration tests: MariaDB, Redis and
+//! PostgreSQL, each alone or as a primary with a replica, and a Prometheus
+//! server.
 //!
 //! The servers come from the Debian packages (`mariadb-server`,
-//! `mariadb-client`, `redis-server`, `redis-tools`, `postgresql`; `make deps`
-//! installs them). A missing binary is a panic that names the package.
+//! `mariadb-client`, `redis-server`, `redis-tools`, `postgresql`,
+//! `prometheus`; `make deps` installs them). A missing binary is a panic that
+//! names the package.
 //!
 //! Every server:
 //! - lives in its own [`tempfile::TempDir`] under `/tmp` (data, sockets, logs,
@@ -235,7 +237,10 @@ fn temp_dir(what: &str) -> TempDir {
 
 /// What a server's log says when its port was taken.
 fn port_clash(log: &str) -> bool {
-    log.contains("Address already in use") || log.contains("errno: 98") || log.contains("error: 98")
+    log.contains("Address already in use")
+        || log.contains("address already in use")
+        || log.contains("errno: 98")
+        || log.contains("error: 98")
 }
 
 /// A server process that we started, stopped and reaped on drop.
@@ -1115,4 +1120,108 @@ fn pg_binary(name: &str) -> PathBuf {
         Some((_, path)) => path,
         None => binary(name, "postgresql"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus
+// ---------------------------------------------------------------------------
+
+/// Where Debian's `prometheus` package puts the server.
+pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
+
+/// A Prometheus server (`/usr/bin/prometheus`) with its configuration, rule
+/// files and TSDB in its own temporary directory, its web API on 127.0.0.1
+/// and a free port. Stopped (SIGTERM, by PID) and deleted on drop.
+pub struct Prometheus {
+    /// Its web and HTTP API address.
+    pub addr: SocketAddr,
+    // Declared before `dir`: the server stops before its directory goes.
+    server: Server,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    /// Whether Debian's Prometheus server is installed.
+    pub fn installed() -> bool {
+        Path::new(PROMETHEUS_BIN).is_file()
+    }
+
+    /// Start Prometheus with `config` as `prometheus.yml` and `files`
+    /// (name, contents) beside it (rule files named in `config` resolve
+    /// there). Returns once `/-/ready` answers 200 and the server on the
+    /// port is this one (its TSDB path is our directory).
+    pub fn start(config: &str, files: &[(&str, &str)]) -> Prometheus {
+        let dir = temp_dir("prometheus");
+        let config_file = dir.path().join("prometheus.yml");
+        std::fs::write(&config_file, config).expect("write prometheus.yml");
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents)
+                .unwrap_or_else(|e| panic!("write {name}: {e}"));
+        }
+        let data = dir.path().join("data");
+        let log = dir.path().join("prometheus.log");
+        for _ in 0..PORT_ATTEMPTS {
+            let addr = loopback(free_port());
+            let mut cmd = Command::new(PROMETHEUS_BIN);
+            cmd.arg(format!("--config.file={}", config_file.display()))
+                .arg(format!("--storage.tsdb.path={}", data.display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--storage.tsdb.retention.time=1h")
+                .current_dir(dir.path());
+            let tsdb = format!("\"{}\"", data.display());
+            let ready = |_pid: u32| {
+                matches!(blocking_get(addr, "/-/ready"), Some((200, _)))
+                    && blocking_get(addr, "/api/v1/status/flags")
+                        .is_some_and(|(code, body)| code == 200 && body.contains(&tsdb))
+            };
+            match Server::spawn("prometheus", &mut cmd, &log, Signal::SIGTERM, ready) {
+                Some(server) => return Prometheus { addr, server, dir },
+                None => continue,
+            }
+        }
+        panic!(
+            "prometheus: every port tried was taken; log:\n{}",
+            read_log(&log)
+        );
+    }
+
+    /// Everything Prometheus logged so far.
+    pub fn log(&self) -> String {
+        read_log(&self.dir.path().join("prometheus.log"))
+    }
+
+    /// The server's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
+    /// Its temporary directory (configuration, rules, TSDB, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // The fields drop after this: the server stops, then its directory goes.
+        if std::thread::panicking() {
+            eprintln!("---- prometheus log ----\n{}", self.log());
+        }
+    }
+}
+
+/// An HTTP/1.0 GET (so the answer is never chunked) bounded by
+/// [`PROBE_DEADLINE`]: the status and body, or `None` on any failure.
+pub fn blocking_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, PROBE_DEADLINE).ok()?;
+    s.set_read_timeout(Some(PROBE_DEADLINE)).ok()?;
+    s.set_write_timeout(Some(PROBE_DEADLINE)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
 }
