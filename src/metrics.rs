@@ -234,8 +234,11 @@ struct HttpFamilies {
     upstream: IntCounterVec,
     /// The `(pool, code)` series made for each listener, so that removing
     /// the listener removes them.
-    made: Arc<Mutex<HashMap<String, Vec<(String, &'static str)>>>>,
+    made: Arc<Mutex<SeriesMade>>,
 }
+
+/// Per listener, the `(pool, code)` pairs that have a series.
+type SeriesMade = HashMap<String, Vec<(String, &'static str)>>;
 
 /// HTTP request durations, from a cached answer to a slow report.
 const REQUEST_BUCKETS: &[f64] = &[
