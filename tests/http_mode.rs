@@ -106,20 +106,42 @@ async fn serve_app(mut conn: TcpStream, name: String, count: Arc<AtomicUsize>, d
             }
         };
         buf.drain(..used);
-        while buf.len() < body_len {
+        if headers
+            .get("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        {
+            // A tunnel from here on: echo every byte back.
+            let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+            if conn.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            if !buf.is_empty() && conn.write_all(&buf).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = conn.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            return;
+        }
+        // The body is counted and dropped as it arrives (a large upload
+        // must not grow the test either).
+        let mut left = body_len;
+        let take = left.min(buf.len());
+        buf.drain(..take);
+        left -= take;
+        while left > 0 {
             let mut chunk = [0u8; 65536];
-            match conn.read(&mut chunk).await {
+            match conn.read(&mut chunk[..left.min(65536)]).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => left -= n,
             }
         }
-        buf.drain(..body_len);
         count.fetch_add(1, Ordering::SeqCst);
         if path.starts_with("/slow") {
             tokio::time::sleep(delay).await;
         }
         let body =
-            serde_json::json!({ "name": name, "path": path, "headers": headers }).to_string();
+            serde_json::json!({ "name": name, "path": path, "headers": headers, "len": body_len })
+                .to_string();
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -832,5 +854,83 @@ fn bad_protocol_and_misplaced_http_keys_are_named() {
         ok.listeners[0].protocol,
         sluice::config::Protocol::Tcp,
         "tcp by default"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_as_a_tunnel() {
+    let a = App::start("a", Duration::ZERO).await;
+    let port = reserve_port();
+    let _s = Sluice::start(&config(port, "", "", &plain(&[&a]))).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the upgrade: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Bytes both ways through the tunnel, several times.
+    for msg in [&b"hello"[..], b"\x81\x05frame", &[0u8; 3000][..]] {
+        c.write_all(msg).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, msg);
+    }
+}
+
+#[tokio::test]
+async fn a_large_upload_streams_without_growing_memory() {
+    let a = App::start("a", Duration::ZERO).await;
+    let port = reserve_port();
+    let s = Sluice::start(&config(port, "", "", &plain(&[&a]))).await;
+    // Warm up, then measure from here.
+    let _ = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
+    let before = s.rss_kib();
+    const SIZE: u64 = 512 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    std::fs::File::create(&file).unwrap().set_len(SIZE).unwrap();
+    let upload = tokio::spawn({
+        let file = file.display().to_string();
+        let url = format!("http://127.0.0.1:{port}/upload");
+        async move { curl(&["-T", &file, "-w", "\n%{http_code}", &url]).await }
+    });
+    let mut peak = before;
+    while !upload.is_finished() {
+        peak = peak.max(s.rss_kib());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = upload.await.unwrap();
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    assert_eq!(code, "200", "{out}");
+    assert_eq!(json(body)["len"], SIZE, "the backend got every byte");
+    let grew = peak.saturating_sub(before);
+    println!(
+        "RSS before {before} KiB, peak {peak} KiB during a {} MiB upload",
+        SIZE >> 20
+    );
+    assert!(
+        grew < 64 * 1024,
+        "RSS grew by {grew} KiB for a {} MiB upload",
+        SIZE >> 20
     );
 }
