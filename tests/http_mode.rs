@@ -934,3 +934,36 @@ async fn a_large_upload_streams_without_growing_memory() {
         SIZE >> 20
     );
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_keepalive_connections_without_waiting_out_the_timeout() {
+    let a = App::start("a", Duration::ZERO).await;
+    let port = reserve_port();
+    let yaml = format!(
+        "server: {{ shutdown_timeout: 60s, grace_period: 0s }}\n{}",
+        config(port, "", "", &plain(&[&a]))
+    );
+    let s = Sluice::start(&yaml).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\"name\":\"a\"") {
+        let mut chunk = [0u8; 4096];
+        let n = c.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&chunk[..n]);
+    }
+    // The connection idles, kept alive; SIGTERM must end it at once rather
+    // than wait for shutdown_timeout.
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without another byte");
+}
