@@ -1,5 +1,6 @@
-//! The access log: one line per client connection at its end, as JSON or
-//! logfmt, to a file or stdout.
+//! The access log: one line per client connection at its end (per request
+//! on `protocol: http` listeners, with its method, path and status), as
+//! JSON or logfmt, to a file or stdout.
 //!
 //! The data path never waits for it: a line is formatted where the
 //! connection ends and handed to a bounded queue; a thread of its own writes
@@ -87,6 +88,11 @@ pub enum Cause {
     ClosedAdmin,
     /// Cut at shutdown (`shutdown_timeout`).
     ClosedShutdown,
+    /// HTTP: the request was answered (by a backend or by sluice itself:
+    /// a redirect, a 404 without a route); `status` tells which.
+    Completed,
+    /// HTTP: the backend did not answer within `backend_timeout` (504).
+    BackendTimeout,
 }
 
 impl Cause {
@@ -110,6 +116,8 @@ impl Cause {
             Cause::ClosedFailover => "closed_failover",
             Cause::ClosedAdmin => "closed_admin",
             Cause::ClosedShutdown => "closed_shutdown",
+            Cause::Completed => "completed",
+            Cause::BackendTimeout => "backend_timeout",
         }
     }
 }
@@ -137,6 +145,60 @@ pub struct Record {
     pub bytes_out: u64,
     /// How it ended.
     pub cause: Cause,
+    /// An HTTP request's own fields (`protocol: http` listeners).
+    pub http: Option<Box<HttpFields>>,
+}
+
+/// What an access-log line of an HTTP request adds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpFields {
+    /// The method, at most [`MAX_METHOD`] bytes.
+    pub method: String,
+    /// The path without its query (which often carries tokens), at most
+    /// [`MAX_PATH`] bytes.
+    pub path: String,
+    /// The status sent to the client (499: it went away first).
+    pub status: u16,
+}
+
+/// The longest method logged.
+pub const MAX_METHOD: usize = 16;
+/// The longest path logged.
+pub const MAX_PATH: usize = 1024;
+
+impl HttpFields {
+    /// The fields of a request `method path?query` answered `status`.
+    pub fn new(method: &str, target: &str, status: u16) -> HttpFields {
+        let path = target.split(['?', '#']).next().unwrap_or("");
+        HttpFields {
+            method: truncate(method, MAX_METHOD).to_string(),
+            path: truncate(path, MAX_PATH).to_string(),
+            status,
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A logfmt value: bare when it is plain, else quoted with escapes.
+fn logfmt_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\')
+    {
+        v.to_string()
+    } else {
+        format!("{v:?}")
+    }
 }
 
 impl Record {
@@ -153,6 +215,7 @@ impl Record {
             bytes_in: 0,
             bytes_out: 0,
             cause: Cause::ClientClosed,
+            http: None,
         }
     }
 
@@ -182,6 +245,12 @@ impl Record {
                     "attempts": self.attempts,
                     "cause": self.cause.as_str(),
                 });
+                let mut v = v;
+                if let (Some(h), Some(map)) = (&self.http, v.as_object_mut()) {
+                    map.insert("method".into(), h.method.clone().into());
+                    map.insert("path".into(), h.path.clone().into());
+                    map.insert("status".into(), h.status.into());
+                }
                 out.push_str(&v.to_string());
             }
             Format::Logfmt => {
@@ -200,6 +269,15 @@ impl Record {
                     self.attempts,
                     self.cause.as_str(),
                 );
+                if let Some(h) = &self.http {
+                    let _ = write!(
+                        out,
+                        " method={} path={} status={}",
+                        logfmt_value(&h.method),
+                        logfmt_value(&h.path),
+                        h.status
+                    );
+                }
             }
         }
         out.push('\n');

@@ -9,6 +9,7 @@ mod binds;
 pub mod check;
 mod decode;
 pub mod edge;
+pub mod http;
 mod locate;
 mod read;
 pub mod tls;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+pub use self::http::{Forwarded, Hsts, HttpRoute, HttpSettings, Protocol};
 pub use binds::{binds_overlap, ipv6_only_by_default};
 pub use check::{
     CheckKind, Credentials, Expect, HttpCheck, Pattern, PostgresCheck, RoleRequirement, Secret,
@@ -167,6 +169,10 @@ pub struct ListenerSettings {
     pub fast_path: FastPath,
     /// TLS termination or passthrough, with SNI routes.
     pub tls: Option<ListenerTls>,
+    /// `tcp` (bytes relayed) or `http` (requests proxied).
+    pub protocol: Protocol,
+    /// With `protocol: http`: its settings (`Some` exactly then).
+    pub http: Option<Box<HttpSettings>>,
 }
 
 /// The listener key `fast_path`: where an established connection's bytes move.
@@ -653,7 +659,8 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
     for l in &listeners {
         // With no pools at all, that is the problem already reported; a
         // routed listener's pools are checked with its routes.
-        let routed = l.tls.as_ref().is_some_and(|t| !t.routes.is_empty());
+        let routed = l.tls.as_ref().is_some_and(|t| !t.routes.is_empty())
+            || l.http.as_ref().is_some_and(|h| h.default_pool.is_none());
         if !routed && !pool_names.is_empty() && !pool_names.contains(&l.pool) {
             // A file may name thousands of pools: the message lists a few.
             const LISTED: usize = 10;
@@ -668,6 +675,7 @@ fn decode_config(d: &mut Decoder, root: &Value) -> Option<Config> {
         }
     }
     tls::check(d, &listeners, &pools, &pool_names, &mut warnings);
+    http::check(d, &listeners, &pools, &pool_names);
     for p in &pools {
         if !listeners.iter().any(|l| tls::uses_pool(l, &p.name)) {
             warnings.push(format!("pools.{}: no listener uses this pool", p.name));
@@ -868,9 +876,26 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
             "tls",
             "routes",
             "default_pool",
+            "protocol",
+            "http",
         ],
     )?;
     let tls = tls::decode_listener(d, &f);
+    let protocol = http::decode_protocol(d, &f);
+    let is_http = protocol == Some(Protocol::Http);
+    if !is_http && f.get("http").is_some() {
+        d.problem(f.path("http"), "only applies with protocol: http");
+    }
+    if is_http {
+        for key in http::TCP_ONLY_KEYS {
+            if f.get(key).is_some() {
+                d.problem(
+                    f.path(key),
+                    "moves raw bytes; it has no meaning with protocol: http",
+                );
+            }
+        }
+    }
 
     let mut bind = Vec::new();
     match f.get("bind") {
@@ -901,6 +926,7 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
                 .or(t.routes.first().map(|r| r.pool.clone()))
         }),
         None if f.get("routes").is_some() => None,
+        None if is_http => None,
         None => {
             d.problem(f.path("pool"), "is required");
             None
@@ -955,6 +981,21 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
             .unwrap_or_default(),
     };
 
+    let http = match is_http {
+        true => Some(Box::new(http::decode(
+            d,
+            &f,
+            pool.clone(),
+            idle_timeout,
+            tls.is_some(),
+        )?)),
+        false => None,
+    };
+    // An HTTP listener without `pool` waits for its first route's pool.
+    let pool = pool.or_else(|| {
+        http.as_ref()
+            .and_then(|h| h.routes.first().map(|r| r.pool.clone()))
+    });
     if bind.is_empty() {
         return None;
     }
@@ -971,6 +1012,8 @@ fn decode_listener(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option
         proxy_protocol,
         fast_path,
         tls,
+        protocol: protocol?,
+        http,
     })
 }
 

@@ -7,6 +7,7 @@
 //! | [`access_log`] | one line per connection at its end, written off the data path |
 //! | [`cli`] | flags, `-t`, start-up, subcommands |
 //! | [`edge`] | before a backend is picked: source allow/deny, per-source limits, the PROXY protocol |
+//! | [`http`] | HTTP mode (`protocol: http`): a pingora-proxy service per listener, a backend per request, forwarded headers, routes |
 //! | [`healthcheck`] | `sluice healthcheck`: one bounded `GET /readyz` for container health checks; the admin client under `ctl` |
 //! | [`ctl`] | `sluice ctl`: drain, maint, ready, weights, reload and a status table from the command line |
 //! | [`systemd`] | readiness, reloads and shutdown reported to systemd (`sd_notify`) |
@@ -38,6 +39,7 @@ pub mod edge;
 pub mod handover;
 pub mod health;
 pub mod healthcheck;
+pub mod http;
 pub mod lifecycle;
 pub mod listener;
 pub mod loops;

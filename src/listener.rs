@@ -176,6 +176,9 @@ pub struct ListenerApp {
     ends: SessionEnds,
     /// The name as the access log shares it.
     log_name: Arc<str>,
+    /// `protocol: http`: the HTTP proxy, and the shutdown that ends
+    /// kept-alive connections.
+    http: Option<(Arc<crate::http::HttpFront>, pingora::server::ShutdownWatch)>,
 }
 
 /// Counts a client in the listener's count and gauge until dropped.
@@ -302,11 +305,15 @@ pub struct SessionEnds {
 struct Logged<'a> {
     log: &'a AccessLog,
     record: Record,
+    /// Cleared when the lines are written per request instead (HTTP mode).
+    armed: bool,
 }
 
 impl Drop for Logged<'_> {
     fn drop(&mut self) {
-        self.log.log(&self.record);
+        if self.armed {
+            self.log.log(&self.record);
+        }
     }
 }
 
@@ -398,7 +405,21 @@ impl ListenerApp {
             tls: None,
             ends: SessionEnds::default(),
             log_name: Arc::from(settings.name.as_str()),
+            http: None,
         }
+    }
+
+    /// Serve HTTP (`protocol: http`) with `front`; `shutdown` ends
+    /// kept-alive client connections. A TLS listener's handshake offers
+    /// HTTP/2 and HTTP/1.1 unless its `alpn` says otherwise.
+    pub fn with_http(
+        mut self,
+        front: Arc<crate::http::HttpFront>,
+        shutdown: pingora::server::ShutdownWatch,
+    ) -> Self {
+        self.tls = self.tls.map(|t| Box::new(t.for_http()));
+        self.http = Some((front, shutdown));
+        self
     }
 
     /// End sessions as `ends` says (access log, shutdown cut).
@@ -411,6 +432,7 @@ impl ListenerApp {
         self.ends.access_log.as_deref().map(|log| Logged {
             log,
             record: Record::new(Arc::clone(&self.log_name)),
+            armed: true,
         })
     }
 
@@ -616,6 +638,50 @@ impl ListenerApp {
         if hops >= loops::MAX_HOPS {
             note(&mut log, |r| r.cause = Cause::RefusedLoop);
             self.refuse(Refusal::Loop, &self.pool);
+            return;
+        }
+        if let Some((front, shutdown)) = &self.http {
+            let client_addr = origin
+                .map(|(a, _)| a)
+                .or(peer)
+                .or_else(|| client.get_ref().peer_addr().ok());
+            let local = origin
+                .and_then(|(_, to)| to)
+                .or_else(|| client.get_ref().local_addr().ok());
+            let started = Instant::now();
+            let tcp = match tokio::net::TcpStream::from_std(client.into_inner()) {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    debug!("listener {}: client lost before serving: {e}", self.name);
+                    return;
+                }
+            };
+            let transport = match &self.tls {
+                None => crate::http::io::Transport::Plain(tcp),
+                Some(tls) => match Box::pin(tls.terminate_owned(tcp)).await {
+                    Some(stream) => crate::http::io::Transport::Tls(stream),
+                    None => {
+                        note(&mut log, |r| {
+                            r.client = client_addr;
+                            r.cause = Cause::RefusedTls;
+                        });
+                        return;
+                    }
+                },
+            };
+            // One access-log line per request from here on.
+            if let Some(l) = &mut log {
+                l.armed = false;
+            }
+            Box::pin(front.serve(
+                transport,
+                client_addr,
+                local,
+                shutdown,
+                self.ends.cut.clone(),
+            ))
+            .await;
+            m.duration.observe(started.elapsed().as_secs_f64());
             return;
         }
         // TLS listeners: the handshake (or passthrough's peek), and the

@@ -7,6 +7,9 @@
 //! Label values are bounded: listener and pool names, configured backend
 //! addresses and fixed enums, never a client address.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -220,6 +223,104 @@ pub struct Metrics {
     tls_handshakes: IntCounterVec,
     tls_handshake_duration: HistogramVec,
     tls_certificate_expiry: IntGaugeVec,
+    http: HttpFamilies,
+}
+
+/// The HTTP-mode families, shared by every HTTP listener's handles.
+#[derive(Clone)]
+struct HttpFamilies {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream: IntCounterVec,
+    /// The `(pool, code)` series made for each listener, so that removing
+    /// the listener removes them.
+    made: Arc<Mutex<SeriesMade>>,
+}
+
+/// Per listener, the `(pool, code)` pairs that have a series.
+type SeriesMade = HashMap<String, Vec<(String, &'static str)>>;
+
+/// HTTP request durations, from a cached answer to a slow report.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// The status codes counted one by one in `sluice_http_requests_total`;
+/// every other code is counted in its class (`2xx` ...), so the label set
+/// stays bounded whatever backends answer.
+const COUNTED_CODES: &[(u16, &str)] = &[
+    (101, "101"),
+    (200, "200"),
+    (201, "201"),
+    (204, "204"),
+    (206, "206"),
+    (301, "301"),
+    (302, "302"),
+    (304, "304"),
+    (307, "307"),
+    (308, "308"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (405, "405"),
+    (408, "408"),
+    (413, "413"),
+    (429, "429"),
+    (499, "499"),
+    (500, "500"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+];
+
+/// The `code` label for an HTTP status.
+pub fn code_label(code: u16) -> &'static str {
+    if let Some((_, label)) = COUNTED_CODES.iter().find(|(c, _)| *c == code) {
+        return label;
+    }
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Handles for one HTTP listener's requests.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    listener: String,
+    families: HttpFamilies,
+    /// Requests sent over a new backend connection.
+    pub upstream_new: IntCounter,
+    /// Requests sent over a kept-alive backend connection.
+    pub upstream_reused: IntCounter,
+}
+
+impl HttpMetrics {
+    /// Count a request of `pool` (`none` when it had none) answered `code`
+    /// after `seconds`.
+    pub fn request(&self, pool: &str, code: u16, seconds: f64) {
+        let label = code_label(code);
+        self.families
+            .requests
+            .with_label_values(&[self.listener.as_str(), pool, label])
+            .inc();
+        self.families
+            .duration
+            .with_label_values(&[self.listener.as_str(), pool])
+            .observe(seconds);
+        let mut made = crate::sys::lock(&self.families.made);
+        let series = made.entry(self.listener.clone()).or_default();
+        // Bounded: pools times codes.
+        if !series.iter().any(|(p, c)| p == pool && *c == label) {
+            series.push((pool.to_string(), label));
+        }
+    }
 }
 
 /// Handles for one listener.
@@ -563,6 +664,28 @@ impl Metrics {
                 "When each certificate sluice presents expires (its notAfter), as a Unix time; scope is listener (served to clients) or pool (presented to backends).",
                 &["scope", "name", "file"],
             ),
+            http: HttpFamilies {
+                requests: counter(
+                    &r,
+                    "sluice_http_requests_total",
+                    "HTTP requests answered (listeners with protocol: http), by pool (none: routed nowhere, redirected or refused before one was chosen) and status code (common codes one by one, others by class).",
+                    &["listener", "pool", "code"],
+                ),
+                duration: histogram(
+                    &r,
+                    "sluice_http_request_duration_seconds",
+                    "Time from a request's header to the end of its response.",
+                    &["listener", "pool"],
+                    REQUEST_BUCKETS,
+                ),
+                upstream: counter(
+                    &r,
+                    "sluice_http_upstream_requests_total",
+                    "HTTP requests sent to backends, by connection: new or reused (kept alive).",
+                    &["listener", "connection"],
+                ),
+                made: Arc::new(Mutex::new(HashMap::new())),
+            },
             config_last_reload_success: {
                 let g = prometheus::Gauge::new(
                     "sluice_config_last_reload_success_timestamp_seconds",
@@ -645,6 +768,16 @@ impl Metrics {
         }
     }
 
+    /// Handles for the HTTP listener `name`.
+    pub fn http(&self, name: &str) -> HttpMetrics {
+        HttpMetrics {
+            listener: name.to_string(),
+            families: self.http.clone(),
+            upstream_new: self.http.upstream.with_label_values(&[name, "new"]),
+            upstream_reused: self.http.upstream.with_label_values(&[name, "reused"]),
+        }
+    }
+
     /// Handles for the pool `name`.
     pub fn pool(&self, name: &str) -> PoolMetrics {
         PoolMetrics {
@@ -724,6 +857,20 @@ impl Metrics {
             let _ = self.tls_handshakes.remove_label_values(&[name, r.as_str()]);
         }
         let _ = self.tls_handshake_duration.remove_label_values(&[name]);
+        for connection in ["new", "reused"] {
+            let _ = self.http.upstream.remove_label_values(&[name, connection]);
+        }
+        let made = crate::sys::lock(&self.http.made).remove(name);
+        for (pool, code) in made.into_iter().flatten() {
+            let _ = self
+                .http
+                .requests
+                .remove_label_values(&[name, pool.as_str(), code]);
+            let _ = self
+                .http
+                .duration
+                .remove_label_values(&[name, pool.as_str()]);
+        }
     }
 
     /// Show exactly these certificates' expiry times.

@@ -95,12 +95,17 @@ pub struct OpenConnection<'a>(&'a Backend);
 
 impl Drop for OpenConnection<'_> {
     fn drop(&mut self) {
-        let left = self.0.open.fetch_sub(1, Relaxed) - 1;
-        self.0.metrics.connections_active.dec();
-        if left == 0 && self.0.admin.load(Relaxed) == AdminState::Drain as u8 {
-            // The last one of a draining backend: shown as drained now.
-            self.0.show_admin();
-        }
+        self.0.closed_one();
+    }
+}
+
+/// One connection or HTTP request to a backend, counted while it lives;
+/// it holds the backend, so it can live in per-request state.
+pub struct OpenRequest(Arc<Backend>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.closed_one();
     }
 }
 
@@ -201,6 +206,23 @@ impl Backend {
         self.open.fetch_add(1, Relaxed);
         self.metrics.connections_active.inc();
         OpenConnection(self)
+    }
+
+    /// Count an HTTP request to it until the guard drops (in HTTP mode,
+    /// requests in flight are what least_connections and drain count).
+    pub fn open_request(self: &Arc<Self>) -> OpenRequest {
+        self.open.fetch_add(1, Relaxed);
+        self.metrics.connections_active.inc();
+        OpenRequest(Arc::clone(self))
+    }
+
+    fn closed_one(&self) {
+        let left = self.open.fetch_sub(1, Relaxed) - 1;
+        self.metrics.connections_active.dec();
+        if left == 0 && self.admin.load(Relaxed) == AdminState::Drain as u8 {
+            // The last one of a draining backend: shown as drained now.
+            self.show_admin();
+        }
     }
 }
 

@@ -453,7 +453,18 @@ impl Traffic {
                 .entry(settings.name.clone())
                 .or_insert_with(SourceLimiter::new),
         );
-        ListenerApp::new(
+        let http = settings.http.as_ref().map(|http| {
+            Arc::new(crate::http::HttpFront::new(
+                settings,
+                http,
+                &pool,
+                self.pool_lookup.get(),
+                self.metrics.http(&settings.name),
+                self.metrics.listener(&settings.name),
+                self.access_log.get().cloned(),
+            ))
+        });
+        let app = ListenerApp::new(
             settings,
             pool,
             self.metrics.listener(&settings.name),
@@ -464,7 +475,22 @@ impl Traffic {
         .with_ends(crate::listener::SessionEnds {
             access_log: self.access_log.get().cloned(),
             cut: Some(self.cut.subscribe()),
-        })
+        });
+        match http {
+            None => app,
+            Some(front) => {
+                // Before the service starts there is no shutdown to watch
+                // yet (apps are only built once it has); `closed` stands in.
+                let shutdown = match self.context.get() {
+                    Some(context) => {
+                        front.close_idle_on(context.shutdown.clone(), &context.handle);
+                        context.shutdown.clone()
+                    }
+                    None => self.closed.subscribe(),
+                };
+                app.with_http(front, shutdown)
+            }
+        }
     }
 
     /// Write an access-log line for every connection (set before start).

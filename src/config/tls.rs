@@ -777,13 +777,18 @@ pub(super) fn check(
     }
 }
 
-/// Whether `listener` forwards to the pool `pool` (its `pool` or a route).
+/// Whether `listener` forwards to the pool `pool` (its `pool`, an SNI
+/// route or an HTTP route).
 pub fn uses_pool(listener: &ListenerSettings, pool: &str) -> bool {
     listener.pool == pool
         || listener
             .tls
             .as_ref()
             .is_some_and(|t| t.pools().any(|p| p == pool))
+        || listener
+            .http
+            .as_ref()
+            .is_some_and(|h| h.pools().any(|p| p == pool))
 }
 
 #[cfg(test)]

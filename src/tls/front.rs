@@ -173,7 +173,65 @@ impl Front {
                 }
             }
         };
-        let outcome = match tokio::time::timeout(self.timeout, work).await {
+        let outcome = self.within_timeout(work).await;
+        let (client, pool) = self.settle(outcome, started, peer)?;
+        if !pool.is_ready() {
+            // A pool a reload just added: its first verdict is moments
+            // away, and refusing for want of it helps no one.
+            let _ = tokio::time::timeout(self.timeout, pool.wait_ready()).await;
+        }
+        Some((client, pool))
+    }
+
+    /// Serve TLS for HTTP mode: without ALPN protocols configured, offer
+    /// `h2` and `http/1.1`, so browsers get HTTP/2.
+    pub fn for_http(mut self) -> Front {
+        if let Mode::Terminate(config) = &self.mode {
+            if config.alpn_protocols.is_empty() {
+                let mut c = (**config).clone();
+                c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                self.mode = Mode::Terminate(Arc::new(c));
+            }
+        }
+        self
+    }
+
+    /// Terminate the TLS of a client whose socket is handed over whole
+    /// (HTTP mode, which owns the connection from here on): the handshake
+    /// within `handshake_timeout`, counted as [`accept`](Self::accept)
+    /// counts it. `None`: the client failed, was counted, and is closed.
+    pub async fn terminate_owned(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> Option<Box<TlsStream<tokio::net::TcpStream>>> {
+        let started = Instant::now();
+        let peer = log::log_enabled!(log::Level::Debug)
+            .then(|| tcp.peer_addr().ok())
+            .flatten();
+        let Mode::Terminate(config) = &self.mode else {
+            // Refused by the configuration check: HTTP mode terminates.
+            return None;
+        };
+        let work = async {
+            let lazy = LazyConfigAcceptor::new(Acceptor::default(), tcp);
+            let start = lazy.await.map_err(|e| classify(&e, true))?;
+            let stream = start
+                .into_stream_with(Arc::clone(config), |c| {
+                    c.set_buffer_limit(Some(BUFFER_LIMIT));
+                })
+                .await
+                .map_err(|e| classify(&e, false))?;
+            Ok((Box::new(stream), ()))
+        };
+        let outcome = self.within_timeout(work).await;
+        self.settle(outcome, started, peer).map(|(s, ())| s)
+    }
+
+    async fn within_timeout<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(Failure::new(
                 HandshakeResult::Timeout,
@@ -182,19 +240,23 @@ impl Front {
                     humantime::format_duration(self.timeout)
                 ),
             )),
-        };
+        }
+    }
+
+    /// Count and log how a handshake ended.
+    fn settle<T>(
+        &self,
+        outcome: Result<T, Failure>,
+        started: Instant,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Option<T> {
         match outcome {
-            Ok((client, pool)) => {
+            Ok(done) => {
                 self.metrics.result(HandshakeResult::Ok).inc();
                 self.metrics
                     .duration
                     .observe(started.elapsed().as_secs_f64());
-                if !pool.is_ready() {
-                    // A pool a reload just added: its first verdict is
-                    // moments away, and refusing for want of it helps no one.
-                    let _ = tokio::time::timeout(self.timeout, pool.wait_ready()).await;
-                }
-                Some((client, pool))
+                Some(done)
             }
             Err(f) => {
                 self.metrics.result(f.result).inc();

@@ -1,0 +1,328 @@
+//! A client connection as pingora's HTTP server reads it, and the clock that
+//! cuts slow request headers.
+//!
+//! pingora's HTTP/1 server bounds each read of a request header, not the
+//! header as a whole: a client that sends one byte a minute (slowloris)
+//! would hold its connection for ever. [`ClientIo`] wraps the client's
+//! socket (plain or TLS) and fails reads once the [`HeaderClock`] runs out:
+//! the clock runs from the connect for the first request, from the first
+//! byte for later ones, and stops when a request's header is complete.
+//! Between requests it allows the keep-alive wait instead.
+//!
+//! It also tells pingora who the client is (the address a trusted proxy's
+//! PROXY header gave, else the socket's peer) and which protocol ALPN chose.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::{
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
+
+const OFF: u8 = 0;
+/// Waiting for a request to start: the keep-alive limit applies.
+const IDLE: u8 = 1;
+/// A request header is arriving: the header limit applies.
+const HEADER: u8 = 2;
+/// The client has been cut; every later read fails too.
+const EXPIRED: u8 = 3;
+
+/// When reads of one client connection must fail, shared by the connection
+/// and the requests on it.
+#[derive(Debug)]
+pub struct HeaderClock {
+    base: Instant,
+    state: AtomicU8,
+    /// Milliseconds after `base`.
+    deadline_ms: AtomicU64,
+    header_timeout: Duration,
+}
+
+impl HeaderClock {
+    /// A clock for a client that connected now: its first request header
+    /// is due within `header_timeout`.
+    pub fn new(header_timeout: Duration) -> Arc<HeaderClock> {
+        let clock = HeaderClock {
+            base: Instant::now(),
+            state: AtomicU8::new(HEADER),
+            deadline_ms: AtomicU64::new(0),
+            header_timeout,
+        };
+        clock.set_deadline(header_timeout);
+        Arc::new(clock)
+    }
+
+    fn set_deadline(&self, after: Duration) {
+        let at = self.base.elapsed().saturating_add(after);
+        self.deadline_ms
+            .store(u64::try_from(at.as_millis()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_millis(self.deadline_ms.load(Relaxed))
+    }
+
+    /// A request header is complete: nothing more to cut.
+    pub fn stop(&self) {
+        let _ = self
+            .state
+            .compare_exchange(HEADER, OFF, Relaxed, Relaxed)
+            .or_else(|_| self.state.compare_exchange(IDLE, OFF, Relaxed, Relaxed));
+    }
+
+    /// A request is done: the next one may keep the client waiting `keepalive`.
+    pub fn idle(&self, keepalive: Duration) {
+        if self.state.load(Relaxed) != EXPIRED {
+            self.set_deadline(keepalive);
+            self.state.store(IDLE, Relaxed);
+        }
+    }
+
+    /// Bytes arrived: while idle, they start a request header.
+    fn bytes_arrived(&self) {
+        if self.state.load(Relaxed) == IDLE {
+            self.set_deadline(self.header_timeout);
+            self.state.store(HEADER, Relaxed);
+        }
+    }
+
+    /// Whether the clock cut a request header that had begun.
+    pub fn cut_a_header(&self) -> bool {
+        self.state.load(Relaxed) == EXPIRED
+    }
+}
+
+/// The client's transport.
+#[derive(Debug)]
+pub enum Transport {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS, terminated here.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A client connection handed to pingora's HTTP server.
+#[derive(Debug)]
+pub struct ClientIo {
+    inner: Transport,
+    clock: Arc<HeaderClock>,
+    sleep: Pin<Box<Sleep>>,
+    digest: Arc<SocketDigest>,
+    ssl: Option<Arc<SslDigest>>,
+    alpn: Option<ALPN>,
+    fd: UniqueIDType,
+    /// Called once when the clock cuts a request header that had begun.
+    on_cut: OnCut,
+}
+
+/// What to do when the clock cuts a request header.
+struct OnCut(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl std::fmt::Debug for OnCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCut")
+    }
+}
+
+impl ClientIo {
+    /// Wrap `inner`, whose client is `client` (the real one) and which
+    /// arrived at `local`.
+    pub fn new(
+        inner: Transport,
+        clock: Arc<HeaderClock>,
+        client: Option<std::net::SocketAddr>,
+        local: Option<std::net::SocketAddr>,
+        on_cut: Box<dyn FnOnce() + Send + Sync>,
+    ) -> ClientIo {
+        let (fd, ssl, alpn) = match &inner {
+            Transport::Plain(s) => (s.as_raw_fd(), None, None),
+            Transport::Tls(s) => {
+                let (tcp, conn) = s.get_ref();
+                let version = conn
+                    .protocol_version()
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("TLS");
+                let cipher = conn
+                    .negotiated_cipher_suite()
+                    .and_then(|c| c.suite().as_str())
+                    .unwrap_or("unknown");
+                let alpn = match conn.alpn_protocol() {
+                    Some(b"h2") => Some(ALPN::H2),
+                    Some(b"http/1.1") => Some(ALPN::H1),
+                    _ => None,
+                };
+                let digest = SslDigest::new(
+                    cipher.to_string(),
+                    version.to_string(),
+                    None,
+                    None,
+                    Vec::new(),
+                );
+                (tcp.as_raw_fd(), Some(Arc::new(digest)), alpn)
+            }
+        };
+        let digest = SocketDigest::from_raw_fd(fd);
+        let _ = digest.peer_addr.set(client.map(Into::into));
+        let _ = digest.local_addr.set(local.map(Into::into));
+        let sleep = Box::pin(tokio::time::sleep_until(clock.deadline()));
+        ClientIo {
+            inner,
+            clock,
+            sleep,
+            digest: Arc::new(digest),
+            ssl,
+            alpn,
+            fd,
+            on_cut: OnCut(Some(on_cut)),
+        }
+    }
+
+    /// The clock of this connection.
+    pub fn clock(&self) -> &Arc<HeaderClock> {
+        &self.clock
+    }
+
+    fn expire(&mut self) -> io::Error {
+        let was = self.clock.state.swap(EXPIRED, Relaxed);
+        if was == HEADER {
+            if let Some(cut) = self.on_cut.0.take() {
+                cut();
+            }
+        }
+        io::Error::new(io::ErrorKind::TimedOut, "request header timeout")
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.clock.state.load(Relaxed) {
+            OFF => {}
+            EXPIRED => return Poll::Ready(Err(this.expire())),
+            _ => {
+                let deadline = this.clock.deadline();
+                if this.sleep.deadline() != deadline {
+                    this.sleep.as_mut().reset(deadline);
+                }
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(this.expire()));
+                }
+            }
+        }
+        let before = buf.filled().len();
+        let read = match &mut this.inner {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        };
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.clock.bytes_arrived();
+        }
+        read
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.inner {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.inner {
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.inner {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[async_trait]
+impl Shutdown for ClientIo {
+    async fn shutdown(&mut self) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(self).await;
+    }
+}
+
+impl UniqueID for ClientIo {
+    fn id(&self) -> UniqueIDType {
+        self.fd
+    }
+}
+
+impl Ssl for ClientIo {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.ssl.clone()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.alpn.clone()
+    }
+}
+
+impl GetTimingDigest for ClientIo {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl GetProxyDigest for ClientIo {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        None
+    }
+}
+
+impl GetSocketDigest for ClientIo {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        Some(Arc::clone(&self.digest))
+    }
+}
+
+#[async_trait]
+impl Peek for ClientIo {}
