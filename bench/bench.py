@@ -13,6 +13,12 @@ Workloads (two redis backends where the workload allows, one iperf3 server):
   - proxy CPU seconds per GB relayed and per million requests (/proc/PID/stat)
   - RSS growth per idle proxied connection at several connection counts
   - request rate at several client counts
+  - the edge lines: sluice's plain listener against one with a 1,000-prefix
+    allow list, per-source limits and PROXY v2 sent to the backend (both through
+    the same NGINX stream relay to redis, so the header has a reader): PING and
+    churn rates, memory per idle connection
+  - the access-log lines: sluice with `access_log` (JSON to a file) against the
+    same sluice without, PING and churn rates, and the bytes per log line
   - TLS termination (HAProxy `ssl`, NGINX stream `ssl`, sluice `tls`; no direct
     path): new TLS 1.3 handshakes per second with an ECDSA P-256 and an RSA 2048
     certificate (`openssl s_time -new`, two clients at once), bulk download
@@ -62,6 +68,19 @@ TLS_PATHS = {
     "sluice": (17211, 17212, 17213),
 }
 HTTP_PORT = 15301
+# The edge lines: two sluice listeners in the one sluice process, each through
+# an NGINX stream relay to redis, so that the PROXY v2 header sluice sends has a
+# reader (NGINX `listen … proxy_protocol`) and both paths pay the same hop:
+#   sluice-plain: no edge keys                      -> NGINX :17302 -> redis
+#   sluice-edge:  1,000-prefix allow list, per-source
+#                 limits, PROXY v2 to the backend   -> NGINX :17303 (proxy_protocol) -> redis
+EDGE_PATHS = {"sluice-plain": 17221, "sluice-edge": 17222}
+EDGE_RELAYS = (17302, 17303)
+# The access-log lines: the main sluice (no access log) against a second
+# sluice process, the same but for `access_log: {path, format: json}` (the
+# key is process-wide), both straight to redis.
+ALOG_PATHS = {"sluice-nolog": 17201, "sluice-logged": 17231}
+ALOG_ADMIN = 17239
 BULK_BYTES = 1 << 30
 
 
@@ -190,6 +209,9 @@ stream {{
     upstream iperf {{ server 127.0.0.1:{IPERF_PORT}; }}
     server {{ listen 127.0.0.1:{PATHS['nginx'][0]}; proxy_pass redis; proxy_timeout 10m; }}
     server {{ listen 127.0.0.1:{PATHS['nginx'][1]}; proxy_pass iperf; proxy_timeout 10m; }}
+    # The edge lines' relays (see EDGE_PATHS); not a path of their own.
+    server {{ listen 127.0.0.1:{EDGE_RELAYS[0]}; proxy_pass redis; proxy_timeout 10m; }}
+    server {{ listen 127.0.0.1:{EDGE_RELAYS[1]} proxy_protocol; proxy_pass redis; proxy_timeout 10m; }}
     ssl_protocols TLSv1.2 TLSv1.3;
     server {{ listen 127.0.0.1:{TLS_PATHS['nginx'][0]} ssl; ssl_certificate {d}/ecdsa.pem;
              ssl_certificate_key {d}/ecdsa.key; proxy_pass redis; proxy_timeout 10m; }}
@@ -216,6 +238,24 @@ http {{
 """)
 
 
+def allow_list(n):
+    """`n` prefixes, 127.0.0.0/8 among them (the bench's clients)."""
+    nets = [f"10.{i // 256}.{i % 256}.0/24" for i in range(n - 1)] + ["127.0.0.0/8"]
+    return "[" + ", ".join(nets) + "]"
+
+
+def sluice_logged_conf(d):
+    return write(d / "sluice-logged.yaml", f"""
+server: {{ threads: 1, grace_period: 0s, shutdown_timeout: 1s }}
+admin: {{ bind: 127.0.0.1:{ALOG_ADMIN} }}
+access_log: {{ path: {d}/access.log, format: json }}
+listeners:
+  redis: {{ bind: 127.0.0.1:{ALOG_PATHS['sluice-logged']}, pool: redis, idle_timeout: 10m }}
+pools:
+  redis: {{ backends: [127.0.0.1:{REDIS_PORTS[0]}, 127.0.0.1:{REDIS_PORTS[1]}] }}
+""")
+
+
 def sluice_conf(d):
     return write(d / "sluice.yaml", f"""
 server: {{ threads: 1, grace_period: 0s, shutdown_timeout: 1s }}
@@ -229,10 +269,16 @@ listeners:
              tls: {{ cert: {d}/rsa.pem, key: {d}/rsa.key }} }}
   tls_bulk: {{ bind: 127.0.0.1:{TLS_PATHS['sluice'][2]}, pool: http, idle_timeout: 10m,
               tls: {{ cert: {d}/ecdsa.pem, key: {d}/ecdsa.key }} }}
+  edge_plain: {{ bind: 127.0.0.1:{EDGE_PATHS['sluice-plain']}, pool: relay_plain, idle_timeout: 10m }}
+  edge_full: {{ bind: 127.0.0.1:{EDGE_PATHS['sluice-edge']}, pool: relay_proxy, idle_timeout: 10m,
+               allow: {allow_list(1000)},
+               per_source: {{ max_connections: 100000, rate: 1000000, burst: 1000000 }} }}
 pools:
   redis: {{ backends: [127.0.0.1:{REDIS_PORTS[0]}, 127.0.0.1:{REDIS_PORTS[1]}] }}
   iperf: {{ backends: [127.0.0.1:{IPERF_PORT}] }}
   http: {{ backends: [127.0.0.1:{HTTP_PORT}] }}
+  relay_plain: {{ backends: [127.0.0.1:{EDGE_RELAYS[0]}] }}
+  relay_proxy: {{ proxy_protocol: v2, backends: [127.0.0.1:{EDGE_RELAYS[1]}] }}
 """)
 
 
@@ -242,6 +288,8 @@ class Bench:
         self.d = workdir
         self.backends = []
         self.proxies = {}
+        self.edge_turns = []
+        self.logged = None
 
     # --- processes -------------------------------------------------------------
 
@@ -270,15 +318,23 @@ class Bench:
             "nginx": Proc(["nginx", "-c", nginx_conf(self.d, maxconn), "-g", "daemon off;"], "nginx"),
             "sluice": Proc([str(SLUICE), "-c", sluice_conf(self.d)], "sluice", env={**os.environ, "RUST_LOG": "warn"}),
         }
+        self.logged = Proc([str(SLUICE), "-c", sluice_logged_conf(self.d)], "sluice",
+                           env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(ALOG_PATHS["sluice-logged"])
         for name in self.proxies:
             for port in (*PATHS[name], *TLS_PATHS[name]):
                 wait_port(port)
+        for port in EDGE_PATHS.values():
+            wait_port(port)
         time.sleep(0.5)  # let NGINX fork its worker and every health check settle
 
     def stop_proxies(self):
         for p in self.proxies.values():
             p.stop()
         self.proxies = {}
+        if self.logged:
+            self.logged.stop()
+            self.logged = None
 
     def stop_all(self):
         self.stop_proxies()
@@ -286,12 +342,20 @@ class Bench:
             b.stop()
 
     def pids(self, path):
+        if path == "sluice-logged":
+            return self.logged.pids()
+        if path in EDGE_PATHS or path in ALOG_PATHS:
+            path = "sluice"
         return self.proxies[path].pids() if path in self.proxies else []
 
     # --- workloads -------------------------------------------------------------
 
+    @staticmethod
+    def redis_port(path):
+        return {**EDGE_PATHS, **ALOG_PATHS}.get(path) or PATHS[path][0]
+
     def redis(self, path, extra, requests, clients=50):
-        argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(PATHS[path][0]), "-c", str(clients),
+        argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.redis_port(path)), "-c", str(clients),
                 "-n", str(requests), "-t", "ping_mbulk", "--csv", *extra]
         pids = self.pids(path)
         c0 = cpu_seconds(pids) if pids else 0
@@ -375,7 +439,7 @@ class Bench:
         socks = []
         try:
             for _ in range(count):
-                s = socket.create_connection(("127.0.0.1", PATHS[path][0]))
+                s = socket.create_connection(("127.0.0.1", self.redis_port(path)))
                 socks.append(s)
             # One round trip on the last connection: by then the proxy has
             # connected every earlier one to its backend too.
@@ -420,6 +484,45 @@ class Bench:
                 add(f"PING rate at {clients} clients (req/s)", path,
                     self.redis(path, [], max(a.requests, clients * 40), clients=clients)["rps"])
 
+    def edge(self, add):
+        """The edge lines: sluice's plain listener against one with a 1,000-prefix
+        allow list, per-source limits and PROXY v2 to the backend, same process,
+        same relay hop; the order alternates per repeat."""
+        a = self.args
+        order = list(EDGE_PATHS)
+        if len(self.edge_turns) % 2:
+            order.reverse()
+        self.edge_turns.append(order)
+        for path in order:
+            add("edge: PING rate (req/s)", path, self.redis(path, [], a.requests)["rps"])
+        for path in order:
+            add("edge: churn rate, new connection per request (req/s)", path,
+                self.redis(path, ["-k", "0"], a.churn_requests)["rps"])
+
+    def access_log(self, add):
+        """The access-log lines: the same sluice with and without `access_log`
+        (JSON to a file); the order alternates per repeat."""
+        a = self.args
+        order = list(ALOG_PATHS)
+        if len(self.edge_turns) % 2:
+            order.reverse()
+        log_file = self.d / "access.log"
+        for path in order:
+            add("access log: PING rate (req/s)", path, self.redis(path, [], a.requests)["rps"])
+        for path in order:
+            add("access log: churn rate, new connection per request (req/s)", path,
+                self.redis(path, ["-k", "0"], a.churn_requests)["rps"])
+        # The writer runs off the data path: let it catch up before measuring.
+        size, lines = 0, 0
+        for _ in range(50):
+            data = log_file.read_bytes() if log_file.exists() else b""
+            if data and data.endswith(b"\n") and len(data) == size:
+                break
+            size, lines = len(data), data.count(b"\n")
+            time.sleep(0.1)
+        if lines:
+            add("access log: bytes per line", "sluice-logged", size / lines)
+
     def tls(self, order, add):
         """The TLS workloads, each proxy in `order`."""
         a = self.args
@@ -447,6 +550,17 @@ class Bench:
             tls_order = [p for p in order if p in TLS_PATHS]
             log(f"repeat {r + 1}/{a.repeats}: order {order}")
             if not a.tls_only:
+                self.edge(add)
+                self.access_log(add)
+            if a.edge_only:
+                for count in a.idle_counts:
+                    self.stop_proxies()
+                    self.start_proxies()
+                    for path in EDGE_PATHS:
+                        add(f"edge: memory per idle connection at {count} (bytes)", path,
+                            self.idle_memory(path, count))
+                continue
+            if not a.tls_only:
                 self.plain(order, add)
             self.tls(tls_order, add)
             for count in [] if a.tls_only else a.idle_counts:
@@ -457,6 +571,9 @@ class Bench:
                     if path == "direct":
                         continue
                     add(f"memory per idle connection at {count} (bytes)", path, self.idle_memory(path, count))
+                for path in EDGE_PATHS:
+                    add(f"edge: memory per idle connection at {count} (bytes)", path,
+                        self.idle_memory(path, count))
             for count in a.tls_idle_counts:
                 self.stop_proxies()
                 self.start_proxies()
@@ -486,6 +603,9 @@ def table(results):
             return f"{v:.1f}"
         return f"{v:.3f}"
 
+    edge = [m for m in metrics if m.startswith("edge: ")]
+    alog = [m for m in metrics if m.startswith("access log: ")]
+    metrics = [m for m in metrics if not m.startswith(("edge: ", "access log: "))]
     for metric in metrics:
         med = {p: statistics.median(results[(metric, p)]) if (metric, p) in results else None for p in PATHS}
         lower = any(k in metric for k in LOWER_IS_BETTER)
@@ -496,6 +616,24 @@ def table(results):
         vs_direct = f"{s / med['direct']:.2f}×" if s is not None and med["direct"] else "–"
         lines.append(f"| {metric} | {fmt(med['direct'])} | {fmt(med['haproxy'])} | {fmt(med['nginx'])} | {fmt(s)} "
                      f"| {vs_best} | {vs_direct} |")
+    if edge:
+        lines += ["", "| edge figure | sluice, plain listener | sluice, edge listener | edge / plain |",
+                  "| --- | ---: | ---: | ---: |"]
+        for metric in edge:
+            med = {p: statistics.median(results[(metric, p)]) if (metric, p) in results else None
+                   for p in EDGE_PATHS}
+            plain, full = med["sluice-plain"], med["sluice-edge"]
+            ratio = f"{full / plain:.3f}×" if plain and full else "–"
+            lines.append(f"| {metric[6:]} | {fmt(plain)} | {fmt(full)} | {ratio} |")
+    if alog:
+        lines += ["", "| access-log figure | sluice, no access log | sluice, access log (JSON to a file) | on / off |",
+                  "| --- | ---: | ---: | ---: |"]
+        for metric in alog:
+            med = {p: statistics.median(results[(metric, p)]) if (metric, p) in results else None
+                   for p in ALOG_PATHS}
+            off, on = med["sluice-nolog"], med["sluice-logged"]
+            ratio = f"{on / off:.3f}×" if off and on else "–"
+            lines.append(f"| {metric[12:]} | {fmt(off)} | {fmt(on)} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -536,12 +674,15 @@ def main():
     ap.add_argument("--tls-idle-counts", type=int, nargs="*", default=[5000])
     ap.add_argument("--handshake-seconds", type=int, default=5)
     ap.add_argument("--tls-only", action="store_true", help="only the TLS lines (for trying them)")
+    ap.add_argument("--edge-only", action="store_true", help="only the edge and access-log lines (for trying them)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    # A proxy holds two descriptors per connection.
-    limit = (hard - 200) // 2
+    # A proxy holds two descriptors per connection, and HAProxy with
+    # splice-auto sizes a pipe (two more) per four connections up front: it
+    # refuses to start when maxconn would not fit.
+    limit = int((hard - 200) / 2.5)
     for counts in (args.idle_counts, args.client_counts, args.tls_idle_counts):
         too_many = [c for c in counts if c > limit]
         if too_many:
