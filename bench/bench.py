@@ -494,10 +494,13 @@ class Bench:
             order.reverse()
         self.edge_turns.append(order)
         for path in order:
-            add("edge: PING rate (req/s)", path, self.redis(path, [], a.requests)["rps"])
+            r = self.redis(path, [], a.requests)
+            add("edge: PING rate (req/s)", path, r["rps"])
+            add("edge: PING, sluice CPU per million requests (s)", path, r["cpu_per_mreq"])
         for path in order:
-            add("edge: churn rate, new connection per request (req/s)", path,
-                self.redis(path, ["-k", "0"], a.churn_requests)["rps"])
+            r = self.redis(path, ["-k", "0"], a.churn_requests)
+            add("edge: churn rate, new connection per request (req/s)", path, r["rps"])
+            add("edge: churn, sluice CPU per million connections (s)", path, r["cpu_per_mreq"])
 
     def access_log(self, add):
         """The access-log lines: the same sluice with and without `access_log`
@@ -508,10 +511,13 @@ class Bench:
             order.reverse()
         log_file = self.d / "access.log"
         for path in order:
-            add("access log: PING rate (req/s)", path, self.redis(path, [], a.requests)["rps"])
+            r = self.redis(path, [], a.requests)
+            add("access log: PING rate (req/s)", path, r["rps"])
+            add("access log: PING, sluice CPU per million requests (s)", path, r["cpu_per_mreq"])
         for path in order:
-            add("access log: churn rate, new connection per request (req/s)", path,
-                self.redis(path, ["-k", "0"], a.churn_requests)["rps"])
+            r = self.redis(path, ["-k", "0"], a.churn_requests)
+            add("access log: churn rate, new connection per request (req/s)", path, r["rps"])
+            add("access log: churn, sluice CPU per million connections (s)", path, r["cpu_per_mreq"])
         # The writer runs off the data path: let it catch up before measuring.
         size, lines = 0, 0
         for _ in range(50):
@@ -522,6 +528,18 @@ class Bench:
             time.sleep(0.1)
         if lines:
             add("access log: bytes per line", "sluice-logged", size / lines)
+
+    def edge_idle(self, count, add):
+        """Memory per idle connection of the two edge listeners, each in a
+        fresh process (in one process, the second would reuse what the first
+        freed), the order alternating per call."""
+        order = list(EDGE_PATHS)
+        if len(self.edge_turns) % 2:
+            order.reverse()
+        for path in order:
+            self.stop_proxies()
+            self.start_proxies()
+            add(f"edge: memory per idle connection at {count} (bytes)", path, self.idle_memory(path, count))
 
     def tls(self, order, add):
         """The TLS workloads, each proxy in `order`."""
@@ -554,11 +572,7 @@ class Bench:
                 self.access_log(add)
             if a.edge_only:
                 for count in a.idle_counts:
-                    self.stop_proxies()
-                    self.start_proxies()
-                    for path in EDGE_PATHS:
-                        add(f"edge: memory per idle connection at {count} (bytes)", path,
-                            self.idle_memory(path, count))
+                    self.edge_idle(count, add)
                 continue
             if not a.tls_only:
                 self.plain(order, add)
@@ -571,9 +585,7 @@ class Bench:
                     if path == "direct":
                         continue
                     add(f"memory per idle connection at {count} (bytes)", path, self.idle_memory(path, count))
-                for path in EDGE_PATHS:
-                    add(f"edge: memory per idle connection at {count} (bytes)", path,
-                        self.idle_memory(path, count))
+                self.edge_idle(count, add)
             for count in a.tls_idle_counts:
                 self.stop_proxies()
                 self.start_proxies()

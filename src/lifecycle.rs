@@ -219,11 +219,18 @@ impl BackgroundService for DrainService {
             while open_connections.get() > 0 && tokio::time::Instant::now() < stop {
                 tokio::time::sleep(DRAIN_POLL).await;
             }
-            if self.traffic.access_log().is_some() {
-                tokio::time::sleep(DRAIN_POLL * 4).await;
-            }
         } else {
             info!("all connections finished; exiting");
+        }
+        if let Some(log) = self.traffic.access_log() {
+            // Every line so far, the cut connections' included, reaches the file.
+            let log = std::sync::Arc::clone(log);
+            let written = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2)))
+                .await
+                .unwrap_or(false);
+            if !written {
+                warn!("access log: the last lines could not be written within 2s");
+            }
         }
         std::process::exit(0);
     }

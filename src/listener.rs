@@ -337,11 +337,23 @@ struct Connected {
 }
 
 /// Write `bytes` whole to a just-connected socket (a PROXY header: its
-/// send buffer is empty, so this takes one write).
-async fn write_all(socket: &Socket, mut bytes: &[u8]) -> io::Result<()> {
+/// send buffer is empty, so this takes one write). With `more`, the kernel
+/// holds them for the write that follows (`MSG_MORE`), so that header and
+/// the client's first bytes leave in one segment: on loopback a segment of
+/// its own cost ~11 µs of CPU per connection (measured with churn). Only
+/// when more is sure to follow at once: the client's bytes already wait.
+async fn write_all(socket: &Socket, mut bytes: &[u8], more: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = if more {
+        nix::sys::socket::MsgFlags::from_bits_retain(nix::libc::MSG_MORE)
+    } else {
+        nix::sys::socket::MsgFlags::empty()
+    };
     while !bytes.is_empty() {
         let mut guard = socket.writable().await?;
-        match guard.try_io(|s| io::Write::write(&mut s.get_ref(), bytes)) {
+        match guard.try_io(|s| {
+            nix::sys::socket::send(s.get_ref().as_raw_fd(), bytes, flags).map_err(io::Error::from)
+        }) {
             Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(Ok(n)) => bytes = &bytes[n..],
             Ok(Err(e)) => return Err(e),
@@ -731,6 +743,10 @@ impl ListenerApp {
             Some(a) => ip_key(a),
             None => Vec::new(),
         };
+        // A PROXY header may wait for the client's first bytes and leave
+        // with them, but not behind TLS, where what waits may be part of a
+        // record that is not relayed at once.
+        let plain_client = tls.is_none().then_some(&client);
         let started = Instant::now();
         let mut attempts = Attempts::new(generation.settings.connect_attempts as usize);
         drop(generation);
@@ -743,6 +759,7 @@ impl ListenerApp {
                 &mut attempts,
                 hops,
                 proxy_header.as_deref(),
+                plain_client,
             ))
             .await
             {
@@ -966,6 +983,7 @@ impl ListenerApp {
         attempts: &mut Attempts,
         hops: u8,
         preamble: Option<&[u8]>,
+        plain_client: Option<&Socket>,
     ) -> Result<Connected, Refusal> {
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
@@ -1002,10 +1020,17 @@ impl ListenerApp {
             // The PROXY protocol header goes first, on the TCP connection,
             // before any client byte and before a TLS handshake.
             let connected = match (connected, preamble) {
-                (Ok(socket), Some(bytes)) => match write_all(&socket, bytes).await {
-                    Ok(()) => Ok(socket),
-                    Err(e) => Err((ConnectErrorKind::Other, e)),
-                },
+                (Ok(socket), Some(bytes)) => {
+                    // The client's first bytes already wait (client-speaks-
+                    // first protocols, checked now that the connect took its
+                    // round trip): the header leaves with them.
+                    let more = plain_client
+                        .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+                    match write_all(&socket, bytes, more).await {
+                        Ok(()) => Ok(socket),
+                        Err(e) => Err((ConnectErrorKind::Other, e)),
+                    }
+                }
                 (other, _) => other,
             };
             // A TLS pool: the connect includes the handshake.
