@@ -862,20 +862,21 @@ def machine():
                            text=True).stdout.strip()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if SLUICE == SLUICE_DEFAULT.resolve():
-        binary = f"sluice {commit}{' + uncommitted changes' if dirty else ''}"
+        binary = f"sluice {commit}{' + uncommitted changes' if dirty else ''}, release build"
     else:
         built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(SLUICE.stat().st_mtime))
-        binary = f"sluice `{SLUICE}` (SLUICE_BIN, built {built}; bench script at {commit})"
+        kind = "release build" if SLUICE.parent.name == "release" else "build"
+        binary = f"sluice `{SLUICE}` (SLUICE_BIN, {kind} of {built}; bench script at {commit})"
     return "\n".join([
         f"- machine: {os.cpu_count()} × {cpu}, {int(mem) // 1024 // 1024} GiB RAM, Linux {platform.release()}",
         f"- open-file limit per process: {soft} (hard {hard})",
-        f"- {binary}, release build, `threads: 1`",
+        f"- {binary}, `threads: 1`",
         f"- {version(['haproxy', '-v'])} (`nbthread 1`, `option splice-auto`; HTTP: `mode http`, "
         "`http-reuse always`, `option http-keep-alive`)",
         f"- {version(['nginx', '-v'])} stream module and HTTP `proxy_pass` (`worker_processes 1`; HTTP: upstream "
         "`keepalive 64`, `proxy_http_version 1.1`)",
         f"- {version(['redis-server', '--version'])}; {version(['iperf3', '--version'])}; "
-        f"{version(['wrk', '--version'])}; {version(['h2load', '--version'])}",
+        f"{version(['wrk', '--version']).split(' [')[0]}; {version(['h2load', '--version'])}",
     ])
 
 
@@ -938,6 +939,7 @@ def main():
 The last real run of `make bench` (`bench/bench.py`), written by the script itself.
 
 {machine()}
+- `{' '.join(['bench/bench.py', *sys.argv[1:]])}`
 - {args.repeats} repeats, paths interleaved in rotating order; each figure is the median; run took {took / 60:.1f} min
 
 {t}
