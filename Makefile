@@ -12,8 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (all run by the tests in the foreground, never as a service).
 DEB_PACKAGES := cmake systemd prometheus mariadb-server mariadb-client redis-server redis-tools postgresql \
 	curl openssl haproxy nginx-light libnginx-mod-stream
-# The peers and load generators `make bench` runs side by side with sluice.
-BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools
+# The peers and load generators `make bench` runs side by side with sluice
+# (wrk and h2load, from nghttp2-client, drive the HTTP lines).
+BENCH_PACKAGES := haproxy nginx-light libnginx-mod-stream iperf3 redis-server redis-tools wrk nghttp2-client curl openssl
 
 .PHONY: help deps bench-deps build build-bin release run test fuzz bench soak lint check-config base-images image image-from-source up down drills kube-check clean
 

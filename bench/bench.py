@@ -24,20 +24,34 @@ Workloads (two redis backends where the workload allows, one iperf3 server):
     certificate (`openssl s_time -new`, two clients at once), bulk download
     through termination from a plain HTTP backend (curl, 1 stream) with the
     proxy's CPU per GB, and RSS growth per idle TLS connection
+  - the HTTP lines ("HTTP: ..."): HAProxy `mode http` (`http-reuse always`,
+    `option http-keep-alive`), NGINX `proxy_pass` to an `upstream` with
+    `keepalive 64` (`proxy_http_version 1.1`, `proxy_set_header Connection ""`)
+    and a sluice `protocol: http` listener, all round robin over the same two
+    NGINX HTTP backends answering a 3-byte body; each proxy writes the same
+    X-Forwarded-For, -Proto and -Host (sluice's default). wrk (HTTP/1.1, plain
+    and over TLS, with a direct path when plain) and h2load (HTTP/2 over TLS):
+    requests/s, p99 latency and the proxy's CPU seconds per million requests
 
 Run through `make bench`, which installs the packages and builds sluice.
+Environment: SLUICE_BIN overrides the sluice binary (default
+target/release/sluice), e.g. to bench a build made in another checkout; the
+results then name that binary and its modification time.
 """
 
 import argparse
 import csv
+import http.client
 import io
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -46,7 +60,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SLUICE = ROOT / "target" / "release" / "sluice"
+SLUICE_DEFAULT = ROOT / "target" / "release" / "sluice"
+SLUICE = Path(os.environ.get("SLUICE_BIN") or SLUICE_DEFAULT).resolve()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -68,6 +83,19 @@ TLS_PATHS = {
     "sluice": (17211, 17212, 17213),
 }
 HTTP_PORT = 15301
+# The HTTP lines' second backend: another port of the same NGINX backend process.
+HTTP_PORT_2 = 15302
+# The HTTP lines, per path: (plain HTTP/1.1, TLS for HTTP/1.1 and HTTP/2).
+# Direct has no TLS port: the backends speak plain HTTP.
+HTTP_PATHS = {
+    "direct": (HTTP_PORT, None),
+    "haproxy": (17021, 17022),
+    "nginx": (17121, 17122),
+    "sluice": (17241, 17242),
+}
+# The backend's small fixed answer that every HTTP request asks for.
+HTTP_SMALL = "/small"
+HTTP_SMALL_BODY = b"ok\n"
 # The edge lines: two sluice listeners in the one sluice process, each through
 # an NGINX stream relay to redis, so that the PROXY v2 header sluice sends has a
 # reader (NGINX `listen … proxy_protocol`) and both paths pay the same hop:
@@ -157,6 +185,7 @@ def make_certs(d):
 
 def haproxy_conf(d, maxconn):
     t = TLS_PATHS["haproxy"]
+    h = HTTP_PATHS["haproxy"]
     return write(d / "haproxy.cfg", f"""
 global
     nbthread 1
@@ -193,6 +222,31 @@ frontend tls_bulk
     default_backend http
 backend http
     server h1 127.0.0.1:{HTTP_PORT} check inter 2s
+# The HTTP lines: mode http, kept-alive and reused backend connections, the
+# same forwarded headers sluice writes by default.
+frontend web_plain
+    mode http
+    bind 127.0.0.1:{h[0]}
+    option http-keep-alive
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend web
+frontend web_tls
+    mode http
+    bind 127.0.0.1:{h[1]} ssl crt {d}/ecdsa.both alpn h2,http/1.1
+    option http-keep-alive
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend web
+backend web
+    mode http
+    balance roundrobin
+    option http-keep-alive
+    http-reuse always
+    server w1 127.0.0.1:{HTTP_PORT} check inter 2s
+    server w2 127.0.0.1:{HTTP_PORT_2} check inter 2s
 """)
 
 
@@ -220,20 +274,60 @@ stream {{
     server {{ listen 127.0.0.1:{TLS_PATHS['nginx'][2]} ssl; ssl_certificate {d}/ecdsa.pem;
              ssl_certificate_key {d}/ecdsa.key; proxy_pass 127.0.0.1:{HTTP_PORT}; proxy_timeout 10m; }}
 }}
+# The HTTP lines: proxy_pass to an upstream with kept-alive connections, no
+# request limit on either side, the same forwarded headers sluice writes.
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 10m;
+    upstream web {{
+        server 127.0.0.1:{HTTP_PORT};
+        server 127.0.0.1:{HTTP_PORT_2};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 10m;
+    }}
+    server {{
+        listen 127.0.0.1:{HTTP_PATHS['nginx'][0]};
+        listen 127.0.0.1:{HTTP_PATHS['nginx'][1]} ssl http2;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {d}/ecdsa.pem;
+        ssl_certificate_key {d}/ecdsa.key;
+        location / {{
+            proxy_pass http://web;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
 """)
 
 
 def http_conf(d):
-    """The plain HTTP backend of the bulk TLS line: NGINX serving one large file."""
+    """The plain HTTP backends: NGINX serving one large file (the bulk TLS
+    line) and a small fixed answer (the HTTP lines) on two ports, with no
+    limit on the requests per kept-alive connection."""
     return write(d / "http.conf", f"""
 worker_processes 1;
 pid {d}/http.pid;
 error_log {d}/http-error.log;
-events {{ worker_connections 64; }}
+events {{ worker_connections 4096; }}
 http {{
     access_log off;
     sendfile on;
-    server {{ listen 127.0.0.1:{HTTP_PORT}; root {d}/www; }}
+    keepalive_requests 1000000;
+    keepalive_timeout 10m;
+    server {{
+        listen 127.0.0.1:{HTTP_PORT};
+        listen 127.0.0.1:{HTTP_PORT_2};
+        root {d}/www;
+        # NGINX reads \\n in a quoted string as a newline: the body is HTTP_SMALL_BODY.
+        location = {HTTP_SMALL} {{ return 200 "ok\\n"; }}
+    }}
 }}
 """)
 
@@ -273,12 +367,17 @@ listeners:
   edge_full: {{ bind: 127.0.0.1:{EDGE_PATHS['sluice-edge']}, pool: relay_proxy, idle_timeout: 10m,
                allow: {allow_list(1000)},
                per_source: {{ max_connections: 100000, rate: 1000000, burst: 1000000 }} }}
+  # The HTTP lines; the default forwarded headers (X-Forwarded-For, -Proto, -Host).
+  web_plain: {{ bind: 127.0.0.1:{HTTP_PATHS['sluice'][0]}, protocol: http, pool: web, idle_timeout: 10m }}
+  web_tls: {{ bind: 127.0.0.1:{HTTP_PATHS['sluice'][1]}, protocol: http, pool: web, idle_timeout: 10m,
+             tls: {{ cert: {d}/ecdsa.pem, key: {d}/ecdsa.key }} }}
 pools:
   redis: {{ backends: [127.0.0.1:{REDIS_PORTS[0]}, 127.0.0.1:{REDIS_PORTS[1]}] }}
   iperf: {{ backends: [127.0.0.1:{IPERF_PORT}] }}
   http: {{ backends: [127.0.0.1:{HTTP_PORT}] }}
   relay_plain: {{ backends: [127.0.0.1:{EDGE_RELAYS[0]}] }}
   relay_proxy: {{ proxy_protocol: v2, backends: [127.0.0.1:{EDGE_RELAYS[1]}] }}
+  web: {{ backends: [127.0.0.1:{HTTP_PORT}, 127.0.0.1:{HTTP_PORT_2}] }}
 """)
 
 
@@ -308,7 +407,7 @@ class Bench:
             os.chmod(p, 0o755)
         os.chmod(self.d / "www" / "big", 0o644)
         self.backends.append(Proc(["nginx", "-c", http_conf(self.d), "-g", "daemon off;"], "nginx"))
-        for port in (*REDIS_PORTS, IPERF_PORT, HTTP_PORT):
+        for port in (*REDIS_PORTS, IPERF_PORT, HTTP_PORT, HTTP_PORT_2):
             wait_port(port)
 
     def start_proxies(self):
@@ -322,7 +421,7 @@ class Bench:
                            env={**os.environ, "RUST_LOG": "warn"})
         wait_port(ALOG_PATHS["sluice-logged"])
         for name in self.proxies:
-            for port in (*PATHS[name], *TLS_PATHS[name]):
+            for port in (*PATHS[name], *TLS_PATHS[name], *HTTP_PATHS[name]):
                 wait_port(port)
         for port in EDGE_PATHS.values():
             wait_port(port)
@@ -411,7 +510,6 @@ class Bench:
 
     def idle_tls_memory(self, path, count):
         """RSS growth of the proxy per idle TLS connection (handshake done) held through it."""
-        import ssl
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -451,6 +549,90 @@ class Bench:
             for s in socks:
                 s.close()
         return (after - before) / count
+
+    def http_port(self, path, tls):
+        port = HTTP_PATHS[path][1 if tls else 0]
+        if port is None:
+            raise ValueError(f"{path} has no TLS port")
+        return port
+
+    def http_probe(self, path, tls):
+        """One GET of the small answer through `path`: a path that answers
+        anything else (404, 502, ...) must not be measured."""
+        port = self.http_port(path, tls)
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=ctx)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", HTTP_SMALL)
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200 or body != HTTP_SMALL_BODY:
+            raise RuntimeError(f"{path}: GET {HTTP_SMALL} ({'https' if tls else 'http'}) answered "
+                               f"{resp.status} {body[:80]!r}, not 200 {HTTP_SMALL_BODY!r}")
+
+    def wrk(self, path, tls):
+        """wrk, HTTP/1.1 over kept-alive connections, against the small answer."""
+        a = self.args
+        self.http_probe(path, tls)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{self.http_port(path, tls)}{HTTP_SMALL}"
+        argv = ["wrk", "-t", "1", "-c", str(a.http_connections), "-d", f"{a.http_seconds}s", "--latency", url]
+        pids = self.pids(path)
+        c0 = cpu_seconds(pids) if pids else 0
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=a.http_seconds + 120).stdout
+        cpu = cpu_seconds(pids) - c0 if pids else None
+        m = re.search(r"^\s*(\d+) requests in ", out, re.M)
+        rate = re.search(r"^Requests/sec:\s*([\d.]+)", out, re.M)
+        p99 = re.search(r"^\s*99(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        if not (m and rate and p99):
+            raise RuntimeError(f"{path}: cannot read wrk's output:\n{out}")
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        if bad or (errors and any(int(n) for n in errors.groups()[:3])):
+            raise RuntimeError(f"{path}: wrk saw failures:\n{out}")
+        if errors and int(errors.group(4)):
+            log(f"{path}: wrk: {errors.group(4)} responses took longer than wrk's 2 s timeout")
+        requests = int(m.group(1))
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[p99.group(2)]
+        return {"rps": float(rate.group(1)), "p99": float(p99.group(1)) * scale,
+                "cpu_per_mreq": cpu / requests * 1e6 if cpu is not None else None}
+
+    def h2load(self, path):
+        """h2load, HTTP/2 over TLS (ALPN h2): a few connections, several
+        streams in flight on each; p99 from its per-request log."""
+        a = self.args
+        self.http_probe(path, True)
+        log_file = self.d / f"h2load-{path}.log"
+        url = f"https://127.0.0.1:{self.http_port(path, True)}{HTTP_SMALL}"
+        argv = ["h2load", "-t", "1", "-c", str(a.h2_connections), "-m", str(a.h2_streams), "-D", str(a.http_seconds),
+                "--log-file", str(log_file), url]
+        pids = self.pids(path)
+        c0 = cpu_seconds(pids)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=a.http_seconds + 120).stdout
+        cpu = cpu_seconds(pids) - c0
+        proto = re.search(r"^Application protocol: (\S+)", out, re.M)
+        rate = re.search(r"^finished in [\d.]+s, ([\d.]+) req/s", out, re.M)
+        reqs = re.search(r"^requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                         r"(\d+) errored, (\d+) timeout", out, re.M)
+        codes = re.search(r"^status codes: (\d+) 2xx", out, re.M)
+        if not (proto and rate and reqs and codes):
+            raise RuntimeError(f"{path}: cannot read h2load's output:\n{out}")
+        if proto.group(1) != "h2":
+            raise RuntimeError(f"{path}: h2load negotiated {proto.group(1)}, not h2")
+        done, succeeded, failed, errored, timeouts = (int(n) for n in reqs.groups())
+        if failed or errored or timeouts or int(codes.group(1)) != done or not succeeded:
+            raise RuntimeError(f"{path}: h2load saw failures:\n{out}")
+        # Columns: start time (µs since the epoch), status, µs to the end of the response.
+        took = sorted(int(line.split("\t")[2]) for line in log_file.read_text().splitlines() if line.strip())
+        log_file.unlink()
+        p99 = took[max(0, -(-len(took) * 99 // 100) - 1)] / 1e3
+        return {"rps": float(rate.group(1)), "p99": p99, "cpu_per_mreq": cpu / succeeded * 1e6}
 
     # --- the run ----------------------------------------------------------------
 
@@ -554,6 +736,27 @@ class Bench:
             add("TLS: bulk through termination, 1 stream (Gbit/s)", path, m["gbps"])
             add("TLS: proxy CPU s per GB through termination", path, m["cpu_per_gb"])
 
+    def http(self, order, tls_order, add):
+        """The HTTP lines, each path in `order` (`tls_order` over TLS, no direct path)."""
+        a = self.args
+        c = a.http_connections
+        for path in order:
+            m = self.wrk(path, False)
+            add(f"HTTP: request rate, HTTP/1.1, {c} connections (req/s)", path, m["rps"])
+            add("HTTP: p99 latency, HTTP/1.1 (ms)", path, m["p99"])
+            add("HTTP: proxy CPU s per million requests, HTTP/1.1", path, m["cpu_per_mreq"])
+        for path in tls_order:
+            m = self.wrk(path, True)
+            add(f"HTTP: request rate, HTTP/1.1 over TLS, {c} connections (req/s)", path, m["rps"])
+            add("HTTP: p99 latency, HTTP/1.1 over TLS (ms)", path, m["p99"])
+            add("HTTP: proxy CPU s per million requests, HTTP/1.1 over TLS", path, m["cpu_per_mreq"])
+        for path in tls_order:
+            m = self.h2load(path)
+            add(f"HTTP: request rate, HTTP/2 over TLS, {a.h2_connections} connections × {a.h2_streams} streams "
+                "(req/s)", path, m["rps"])
+            add("HTTP: p99 latency, HTTP/2 over TLS (ms)", path, m["p99"])
+            add("HTTP: proxy CPU s per million requests, HTTP/2 over TLS", path, m["cpu_per_mreq"])
+
     def run(self):
         a = self.args
         results = {}  # (metric, path) -> [values]
@@ -567,6 +770,9 @@ class Bench:
             order = order[1:] + order[:1]
             tls_order = [p for p in order if p in TLS_PATHS]
             log(f"repeat {r + 1}/{a.repeats}: order {order}")
+            if a.http_only:
+                self.http(order, tls_order, add)
+                continue
             if not a.tls_only:
                 self.edge(add)
                 self.access_log(add)
@@ -577,6 +783,8 @@ class Bench:
             if not a.tls_only:
                 self.plain(order, add)
             self.tls(tls_order, add)
+            if not a.tls_only:
+                self.http(order, tls_order, add)
             for count in [] if a.tls_only else a.idle_counts:
                 # Fresh processes, so one run's allocator caches do not hide the next one's growth.
                 self.stop_proxies()
@@ -665,13 +873,22 @@ def machine():
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
                            text=True).stdout.strip()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if SLUICE == SLUICE_DEFAULT.resolve():
+        binary = f"sluice {commit}{' + uncommitted changes' if dirty else ''}, release build"
+    else:
+        built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(SLUICE.stat().st_mtime))
+        kind = "release build" if SLUICE.parent.name == "release" else "build"
+        binary = f"sluice `{SLUICE}` (SLUICE_BIN, {kind} of {built}; bench script at {commit})"
     return "\n".join([
         f"- machine: {os.cpu_count()} × {cpu}, {int(mem) // 1024 // 1024} GiB RAM, Linux {platform.release()}",
         f"- open-file limit per process: {soft} (hard {hard})",
-        f"- sluice {commit}{' + uncommitted changes' if dirty else ''}, release build, `threads: 1`",
-        f"- {version(['haproxy', '-v'])} (`nbthread 1`, `option splice-auto`)",
-        f"- {version(['nginx', '-v'])} stream module (`worker_processes 1`)",
-        f"- {version(['redis-server', '--version'])}; {version(['iperf3', '--version'])}",
+        f"- {binary}, `threads: 1`",
+        f"- {version(['haproxy', '-v'])} (`nbthread 1`, `option splice-auto`; HTTP: `mode http`, "
+        "`http-reuse always`, `option http-keep-alive`)",
+        f"- {version(['nginx', '-v'])} stream module and HTTP `proxy_pass` (`worker_processes 1`; HTTP: upstream "
+        "`keepalive 64`, `proxy_http_version 1.1`)",
+        f"- {version(['redis-server', '--version'])}; {version(['iperf3', '--version'])}; "
+        f"{version(['wrk', '--version']).split(' [')[0]}; {version(['h2load', '--version'])}",
     ])
 
 
@@ -685,8 +902,14 @@ def main():
     ap.add_argument("--idle-counts", type=int, nargs="*", default=[500, 5000, 9000])
     ap.add_argument("--tls-idle-counts", type=int, nargs="*", default=[5000])
     ap.add_argument("--handshake-seconds", type=int, default=5)
-    ap.add_argument("--tls-only", action="store_true", help="only the TLS lines (for trying them)")
-    ap.add_argument("--edge-only", action="store_true", help="only the edge and access-log lines (for trying them)")
+    ap.add_argument("--http-seconds", type=int, default=5, help="length of each wrk and h2load run")
+    ap.add_argument("--http-connections", type=int, default=50, help="wrk's connections (one thread)")
+    ap.add_argument("--h2-connections", type=int, default=10, help="h2load's connections (one thread)")
+    ap.add_argument("--h2-streams", type=int, default=10, help="h2load's streams in flight per connection")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--tls-only", action="store_true", help="only the TLS lines (for trying them)")
+    only.add_argument("--edge-only", action="store_true", help="only the edge and access-log lines (for trying them)")
+    only.add_argument("--http-only", action="store_true", help="only the HTTP lines (for trying them)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -702,7 +925,13 @@ def main():
             counts[:] = [c for c in counts if c <= limit]
     args.max_conns = max([*args.idle_counts, *args.client_counts, *args.tls_idle_counts, 50])
     if not SLUICE.exists():
+        if "SLUICE_BIN" in os.environ:
+            sys.exit(f"{SLUICE} (SLUICE_BIN) is missing")
         sys.exit(f"{SLUICE} is missing: run `make bench` (or cargo build --release)")
+    if not (args.tls_only or args.edge_only):
+        for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} is missing (the HTTP lines): apt-get install {package}, or `make bench-deps`")
 
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     bench = Bench(args, workdir)
@@ -722,6 +951,7 @@ def main():
 The last real run of `make bench` (`bench/bench.py`), written by the script itself.
 
 {machine()}
+- `{' '.join(['bench/bench.py', *sys.argv[1:]])}`
 - {args.repeats} repeats, paths interleaved in rotating order; each figure is the median; run took {took / 60:.1f} min
 
 {t}
@@ -737,6 +967,12 @@ Notes:
 - TLS lines (no direct path): `openssl s_time -new -tls1_3`, two at once, full handshakes (no resumption) with
   X25519 key exchange; bulk is one `curl --tlsv1.3` download of a 1 GiB file from a plain NGINX HTTP backend through
   the terminating listener; idle TLS memory holds Python `ssl` connections with their handshake done.
+- HTTP lines: `GET /small` (a 3-byte body) round robin over two ports of one NGINX backend process; each proxy
+  keeps backend connections alive and writes X-Forwarded-For, -Proto and -Host; no access logs. HTTP/1.1 is
+  `wrk -t 1 -c {args.http_connections} -d {args.http_seconds}s --latency` (direct: straight to the backend; over TLS:
+  ECDSA P-256, connections kept, so handshakes barely count); HTTP/2 is `h2load -t 1 -c {args.h2_connections}
+  -m {args.h2_streams} -D {args.http_seconds}` over TLS with ALPN h2 (HTTP/1.1 to the backends), p99 from its
+  per-request log. Proxy CPU per million requests counts the whole client run.
 """
     Path(args.out).write_text(text)
     log(f"wrote {args.out}")
