@@ -338,8 +338,7 @@ fn millis(out: &mut String, d: Duration) {
 
 /// `s` as a JSON string.
 fn json_str(out: &mut String, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
     {
         out.push('"');
@@ -536,7 +535,11 @@ mod tests {
     #[test]
     fn json_lines_escape_what_needs_it_and_say_null_for_what_is_missing() {
         let mut r = Record::new(Arc::from("we\"b"));
-        r.http = Some(Box::new(HttpFields::new("GET", "/a\"b\\c\n\u{1}é?token=x", 200)));
+        r.http = Some(Box::new(HttpFields::new(
+            "GET",
+            "/a\"b\\c\n\u{1}é?token=x",
+            200,
+        )));
         let line = r.line(Format::Json);
         assert!(line.ends_with("}\n"), "{line}");
         let j: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
