@@ -406,13 +406,26 @@ impl AccessLog {
     /// Write out every line logged so far, waiting at most `limit` (at exit).
     /// Whether it was done in time.
     pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
         let (done, wait) = std::sync::mpsc::channel();
-        // A full queue is the one case to wait for room in: at exit, the
-        // writer drains it within a batch.
-        if self.queue.send(Message::Flush(done)).is_err() {
-            return false;
+        // A full queue: wait for room, but never past the limit (a writer
+        // stuck on a stdout nobody reads must not keep the process alive).
+        let mut request = Message::Flush(done);
+        loop {
+            match self.queue.try_send(request) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    request = back;
+                    std::thread::sleep(BATCH_PAUSE);
+                }
+            }
         }
-        wait.recv_timeout(limit).is_ok()
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        wait.recv_timeout(left).is_ok()
     }
 }
 
@@ -530,6 +543,29 @@ mod tests {
         }
         let refused = Record::new(Arc::from("web")).line(Format::Logfmt);
         assert!(refused.contains("backend=- connect_ms=-"), "{refused}");
+    }
+
+    #[test]
+    fn flush_writes_every_line_logged_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let settings = Settings {
+            target: Target::File(path.clone()),
+            format: Format::Json,
+        };
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let log = AccessLog::start(&settings, dropped.clone()).unwrap();
+        for _ in 0..1000 {
+            log.log(&Record::new(Arc::from("web")));
+        }
+        assert!(log.flush(Duration::from_secs(10)));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().count() as u64 + dropped.get(),
+            1000,
+            "every line is written or counted as dropped"
+        );
+        assert_eq!(dropped.get(), 0);
     }
 
     #[test]
