@@ -158,8 +158,21 @@ def drill_image():
                "healthy_after_s": round(healthy_after, 1), "sigterm_exit": code,
                "stop_s": round(stop_took, 1)}
     errors = []
-    if size >= 50e6:
-        errors.append(f"image is {size / 1e6:.1f} MB, goal under 50")
+    profile = os.environ.get("SLUICE_IMAGE_PROFILE", "release")
+    if profile == "release":
+        if size >= 50e6:
+            errors.append(f"image is {size / 1e6:.1f} MB, goal under 50")
+    else:
+        # A debug binary is three times a release one, so the 50 MB goal
+        # is the release image's (`make drills`). Here: the image is the
+        # runtime base plus the binary and nothing else of size.
+        base = int(stack.run(["docker", "image", "inspect", "-f", "{{.Size}}",
+                              "gcr.io/distroless/cc-debian12:nonroot"]).strip())
+        binary = (stack.ROOT / "target" / "docker" / "sluice").stat().st_size
+        extra = size - base - binary
+        figures["beyond_base_and_binary_mb"] = round(extra / 1e6, 1)
+        if extra >= 5e6:
+            errors.append(f"image holds {extra / 1e6:.1f} MB beyond its base and the binary, goal under 5")
     if not uid or "0" in uid:
         errors.append(f"runs as uid {uid}")
     if code != "0":
