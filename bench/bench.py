@@ -836,24 +836,21 @@ def table(results):
         vs_direct = f"{s / med['direct']:.2f}×" if s is not None and med["direct"] else "–"
         lines.append(f"| {metric} | {fmt(med['direct'])} | {fmt(med['haproxy'])} | {fmt(med['nginx'])} | {fmt(s)} "
                      f"| {vs_best} | {vs_direct} |")
-    if edge:
-        lines += ["", "| edge figure | sluice, plain listener | sluice, edge listener | edge / plain |",
-                  "| --- | ---: | ---: | ---: |"]
-        for metric in edge:
-            med = {p: statistics.median(results[(metric, p)]) if (metric, p) in results else None
-                   for p in EDGE_PATHS}
-            plain, full = med["sluice-plain"], med["sluice-edge"]
-            ratio = f"{full / plain:.3f}×" if plain and full else "–"
-            lines.append(f"| {metric[6:]} | {fmt(plain)} | {fmt(full)} | {ratio} |")
-    if alog:
-        lines += ["", "| access-log figure | sluice, no access log | sluice, access log (JSON to a file) | on / off |",
-                  "| --- | ---: | ---: | ---: |"]
-        for metric in alog:
-            med = {p: statistics.median(results[(metric, p)]) if (metric, p) in results else None
-                   for p in ALOG_PATHS}
-            off, on = med["sluice-nolog"], med["sluice-logged"]
-            ratio = f"{on / off:.3f}×" if off and on else "–"
-            lines.append(f"| {metric[12:]} | {fmt(off)} | {fmt(on)} | {ratio} |")
+    # The A/B tables: the same sluice with and without one thing, same run.
+    for prefix, names, (a_path, b_path), ratio_name in (
+            ("edge: ", ("edge figure", "sluice, plain listener", "sluice, edge listener"),
+             tuple(EDGE_PATHS), "edge / plain"),
+            ("access log: ", ("access-log figure", "sluice, no access log",
+                              "sluice, access log (JSON to a file)"), tuple(ALOG_PATHS), "on / off")):
+        rows = edge if prefix == "edge: " else alog
+        if not rows:
+            continue
+        lines += ["", f"| {' | '.join(names)} | {ratio_name} |", "| --- | ---: | ---: | ---: |"]
+        for metric in rows:
+            a_med, b_med = (statistics.median(results[(metric, p)]) if (metric, p) in results else None
+                            for p in (a_path, b_path))
+            ratio = f"{b_med / a_med:.3f}×" if a_med and b_med else "–"
+            lines.append(f"| {metric[len(prefix):]} | {fmt(a_med)} | {fmt(b_med)} | {ratio} |")
     return "\n".join(lines)
 
 
