@@ -290,11 +290,22 @@ pub fn code_label(code: u16) -> &'static str {
     }
 }
 
+/// One listener's `(pool, code)` series, kept so that a request finds its
+/// handles without building label hashes or a listener-name string.
+struct RequestSeries {
+    pool: String,
+    code: &'static str,
+    requests: IntCounter,
+    duration: Histogram,
+}
+
 /// Handles for one HTTP listener's requests.
 #[derive(Clone)]
 pub struct HttpMetrics {
     listener: String,
     families: HttpFamilies,
+    /// Bounded like the labels: pools times codes.
+    series: Arc<Mutex<Vec<RequestSeries>>>,
     /// Requests sent over a new backend connection.
     pub upstream_new: IntCounter,
     /// Requests sent over a kept-alive backend connection.
@@ -306,20 +317,34 @@ impl HttpMetrics {
     /// after `seconds`.
     pub fn request(&self, pool: &str, code: u16, seconds: f64) {
         let label = code_label(code);
-        self.families
-            .requests
-            .with_label_values(&[self.listener.as_str(), pool, label])
-            .inc();
-        self.families
-            .duration
-            .with_label_values(&[self.listener.as_str(), pool])
-            .observe(seconds);
-        let mut made = crate::sys::lock(&self.families.made);
-        let series = made.entry(self.listener.clone()).or_default();
-        // Bounded: pools times codes.
-        if !series.iter().any(|(p, c)| p == pool && *c == label) {
-            series.push((pool.to_string(), label));
-        }
+        let mut series = crate::sys::lock(&self.series);
+        let i = match series
+            .iter()
+            .position(|s| s.code == label && s.pool == pool)
+        {
+            Some(i) => i,
+            None => {
+                let listener = self.listener.as_str();
+                series.push(RequestSeries {
+                    pool: pool.to_string(),
+                    code: label,
+                    requests: self
+                        .families
+                        .requests
+                        .with_label_values(&[listener, pool, label]),
+                    duration: self.families.duration.with_label_values(&[listener, pool]),
+                });
+                // Remembered so that removing the listener removes them.
+                let mut made = crate::sys::lock(&self.families.made);
+                let made = made.entry(self.listener.clone()).or_default();
+                if !made.iter().any(|(p, c)| p == pool && *c == label) {
+                    made.push((pool.to_string(), label));
+                }
+                series.len() - 1
+            }
+        };
+        series[i].requests.inc();
+        series[i].duration.observe(seconds);
     }
 }
 
@@ -773,6 +798,7 @@ impl Metrics {
         HttpMetrics {
             listener: name.to_string(),
             families: self.http.clone(),
+            series: Arc::new(Mutex::new(Vec::new())),
             upstream_new: self.http.upstream.with_label_values(&[name, "new"]),
             upstream_reused: self.http.upstream.with_label_values(&[name, "reused"]),
         }
