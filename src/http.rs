@@ -681,8 +681,8 @@ impl HttpFront {
     ) {
         let clock = HeaderClock::new(self.header_timeout);
         let metrics = self.metrics.clone();
-        let on_cut = Box::new(move || metrics.request(NO_POOL, 408, 0.0));
-        let io = ClientIo::new(transport, clock, client, local, on_cut);
+        let unhooked = Box::new(move |code| metrics.request(NO_POOL, code, 0.0));
+        let io = ClientIo::new(transport, clock, client, local, unhooked);
         let serve = self.proxy.process_new(Box::new(io), shutdown);
         match cut {
             Some(mut cut) => {

@@ -28,6 +28,77 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+#[tokio::test]
+async fn a_large_download_to_a_slow_client_streams_without_growing_memory() {
+    let a = App::start("a", Duration::ZERO).await;
+    let port = reserve_port();
+    let s = Sluice::start(&config(port, "", "", &plain(&[&a]))).await;
+    let _ = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
+    let before = s.rss_kib();
+    const SIZE: usize = 512 << 20;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Read the header, then stall: the backend keeps writing, and sluice
+    // must hold back rather than gather the body in memory.
+    let mut buf = vec![0u8; 65536];
+    let mut head = Vec::new();
+    let body_start = loop {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the header");
+        head.extend_from_slice(&buf[..n]);
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let header = String::from_utf8_lossy(&head[..body_start]).to_string();
+    assert!(header.starts_with("HTTP/1.1 200"), "{header}");
+    assert!(
+        header
+            .to_ascii_lowercase()
+            .contains(&format!("content-length: {SIZE}")),
+        "{header}"
+    );
+    let mut got = head.len() - body_start;
+    let mut peak = before;
+    // A stalled reader for a while (the test throttles its own reading; it
+    // waits for no state of sluice's).
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(s.rss_kib());
+    }
+    let stalled = peak.saturating_sub(before);
+    let mut reads = 0u64;
+    while got < SIZE {
+        let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
+            .await
+            .expect("the download stalls")
+            .unwrap();
+        assert!(n > 0, "closed after {got} of {SIZE} bytes");
+        got += n;
+        reads += 1;
+        if reads % 256 == 0 {
+            peak = peak.max(s.rss_kib());
+        }
+    }
+    assert_eq!(got, SIZE, "every byte arrived, no more");
+    let grew = peak.saturating_sub(before);
+    println!(
+        "RSS before {before} KiB, +{stalled} KiB while the client stalled, peak {peak} KiB during a {} MiB download",
+        SIZE >> 20
+    );
+    assert!(
+        stalled < 16 * 1024,
+        "RSS grew by {stalled} KiB while the client stalled"
+    );
+    assert!(
+        grew < 64 * 1024,
+        "RSS grew by {grew} KiB for a {} MiB download",
+        SIZE >> 20
+    );
+}
+
 /// A small HTTP/1.1 backend with keep-alive.
 struct App {
     addr: SocketAddr,
@@ -136,6 +207,23 @@ async fn serve_app(mut conn: TcpStream, name: String, count: Arc<AtomicUsize>, d
             }
         }
         count.fetch_add(1, Ordering::SeqCst);
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            // A large download: n zero bytes, written as fast as the proxy takes them.
+            let mut left: usize = n.parse().unwrap_or(0);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {left}\r\n\r\n");
+            if conn.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = [0u8; 65536];
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if conn.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            continue;
+        }
         if path.starts_with("/slow") {
             tokio::time::sleep(delay).await;
         }
@@ -250,14 +338,13 @@ async fn one_keepalive_connection_alternates_backends_50_50() {
     assert_eq!((t["a"], t["b"]), (50, 50), "{t:?}");
     // Round robin per request: consecutive requests never hit the same one.
     assert!(names.windows(2).all(|w| w[0] != w[1]), "{names:?}");
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "200")],
+        100.0,
+    )
+    .await;
     let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "app"), ("code", "200")]
-        ),
-        100.0
-    );
     // Backend connections are kept alive: two new ones, the rest reused.
     let new = m.value(
         "sluice_http_upstream_requests_total",
@@ -312,14 +399,13 @@ async fn a_backend_killed_mid_run_fails_no_idempotent_request() {
     }
     assert_eq!(names.len(), 80);
     assert!(names.iter().all(|n| n == "a"), "{names:?}");
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "200")],
+        100.0,
+    )
+    .await;
     let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "app"), ("code", "200")]
-        ),
-        100.0
-    );
     assert_eq!(
         m.get(
             "sluice_http_requests_total",
@@ -414,14 +500,12 @@ async fn no_backend_is_503_every_connect_failed_is_502_a_silent_backend_is_504()
         (code, body.as_str()),
         (503, "503 Service Unavailable: no backend is available\n")
     );
-    let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "app"), ("code", "503")]
-        ),
-        1.0
-    );
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "503")],
+        1.0,
+    )
+    .await;
     drop(s);
 
     // 502: checks say up, then the port refuses (checks far apart).
@@ -438,14 +522,13 @@ async fn no_backend_is_503_every_connect_failed_is_502_a_silent_backend_is_504()
         (code, body.as_str()),
         (502, "502 Bad Gateway: no backend accepted the connection\n")
     );
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "502")],
+        1.0,
+    )
+    .await;
     let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "app"), ("code", "502")]
-        ),
-        1.0
-    );
     let backend = a.addr.to_string();
     assert!(
         m.value(
@@ -479,14 +562,23 @@ async fn no_backend_is_503_every_connect_failed_is_502_a_silent_backend_is_504()
         )
     );
     assert!(started.elapsed() < Duration::from_secs(10));
-    let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "app"), ("code", "504")]
-        ),
-        1.0
-    );
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "504")],
+        1.0,
+    )
+    .await;
+}
+
+/// Wait until `sluice_http_requests_total` with `labels` is `want`: a
+/// request is counted just after its answer leaves, so a client may see the
+/// answer a moment before the count moves.
+async fn wait_counted(s: &Sluice, labels: &[(&str, &str)], want: f64) {
+    wait_until(
+        &format!("sluice_http_requests_total {labels:?} == {want}"),
+        || async { s.metrics().await.get("sluice_http_requests_total", labels) == Some(want) },
+    )
+    .await;
 }
 
 /// Send `bytes` raw and read until the server closes (or 10 s pass).
@@ -524,13 +616,12 @@ async fn request_smuggling_probes_are_refused_and_never_forwarded() {
         0,
         "nothing reached the backend"
     );
-    let m = s.metrics().await;
-    assert!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "none"), ("code", "400")]
-        ) >= 2.0
-    );
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "none"), ("code", "400")],
+        3.0,
+    )
+    .await;
     // A well-framed chunked request still passes.
     let (answer, _) = raw_exchange(
         addr,
@@ -538,6 +629,67 @@ async fn request_smuggling_probes_are_refused_and_never_forwarded() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn requests_pingora_refuses_before_any_hook_are_answered_400_and_counted() {
+    let a = App::start("a", Duration::ZERO).await;
+    let port = reserve_port();
+    let s = Sluice::start(&config(port, "", "", &plain(&[&a]))).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let probes: [&[u8]; 2] = [
+        // A header name with a space in it.
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+        // Not a request line.
+        b"\x01\x02 garbage\r\n\r\n",
+    ];
+    for probe in probes {
+        let (answer, closed) = raw_exchange(addr, probe).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(closed, "the connection is closed after a 400");
+    }
+    // A good request, answered, then a bad one on the same kept-alive
+    // connection: one 200 (counted by the hooks), one 400.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).contains("\"path\":\"/\"}") {
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the first answer");
+        first.extend_from_slice(&buf[..n]);
+    }
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    c.write_all(b"GET / HTTP/1.1\r\nHost a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut second = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut second))
+        .await
+        .expect("closed after the 400")
+        .unwrap();
+    let second = String::from_utf8_lossy(&second);
+    assert!(second.starts_with("HTTP/1.1 400"), "{second}");
+    assert_eq!(
+        a.requests.load(Ordering::SeqCst),
+        1,
+        "only the good request reached the backend"
+    );
+    // Each refusal counted once.
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "none"), ("code", "400")],
+        3.0,
+    )
+    .await;
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "200")],
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -570,14 +722,12 @@ async fn slow_request_headers_are_cut_at_header_timeout() {
     };
     assert!(cut >= Duration::from_millis(900), "cut after {cut:?}");
     assert_eq!(a.requests.load(Ordering::SeqCst), 0);
-    let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "none"), ("code", "408")]
-        ),
-        1.0
-    );
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "none"), ("code", "408")],
+        1.0,
+    )
+    .await;
     // A kept-alive client that idles longer than it between requests is
     // not cut: the keep-alive limit applies then (the idle time is the
     // stimulus here, not a wait for a state).
@@ -638,14 +788,12 @@ async fn routes_by_host_and_path_and_a_default() {
         assert_eq!(code, 200, "{host}{path}: {body}");
         assert_eq!(json(&body)["name"], want, "{host}{path}");
     }
-    let m = s.metrics().await;
-    assert_eq!(
-        m.value(
-            "sluice_http_requests_total",
-            &[("listener", "web"), ("pool", "static"), ("code", "200")]
-        ),
-        2.0
-    );
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "static"), ("code", "200")],
+        2.0,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -130,17 +130,31 @@ pub struct ClientIo {
     ssl: Option<Arc<SslDigest>>,
     alpn: Option<ALPN>,
     fd: UniqueIDType,
-    /// Called once when the clock cuts a request header that had begun.
-    on_cut: OnCut,
+    /// Told the status of every answer no request hook saw: 408 when the
+    /// clock cuts a request header that had begun, and the errors pingora
+    /// answers on its own (a 400 for a header it cannot parse).
+    unhooked: Unhooked,
 }
 
-/// What to do when the clock cuts a request header.
-struct OnCut(Option<Box<dyn FnOnce() + Send + Sync>>);
+/// What counts the answers sluice's request hooks never saw.
+pub type UnhookedAnswer = Box<dyn Fn(u16) + Send + Sync>;
 
-impl std::fmt::Debug for OnCut {
+struct Unhooked(UnhookedAnswer);
+
+impl std::fmt::Debug for Unhooked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnCut")
+        f.write_str("Unhooked")
     }
+}
+
+/// The status of an HTTP/1 response that `bytes` begin, if they begin one.
+fn status_line_code(bytes: &[u8]) -> Option<u16> {
+    let rest = bytes.strip_prefix(b"HTTP/1.")?;
+    let code = rest.get(2..5)?;
+    if rest.get(1) != Some(&b' ') || !code.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
 }
 
 impl ClientIo {
@@ -151,7 +165,7 @@ impl ClientIo {
         clock: Arc<HeaderClock>,
         client: Option<std::net::SocketAddr>,
         local: Option<std::net::SocketAddr>,
-        on_cut: Box<dyn FnOnce() + Send + Sync>,
+        unhooked: UnhookedAnswer,
     ) -> ClientIo {
         let (fd, ssl, alpn) = match &inner {
             Transport::Plain(s) => (s.as_raw_fd(), None, None),
@@ -192,7 +206,7 @@ impl ClientIo {
             ssl,
             alpn,
             fd,
-            on_cut: OnCut(Some(on_cut)),
+            unhooked: Unhooked(unhooked),
         }
     }
 
@@ -204,9 +218,7 @@ impl ClientIo {
     fn expire(&mut self) -> io::Error {
         let was = self.clock.state.swap(EXPIRED, Relaxed);
         if was == HEADER {
-            if let Some(cut) = self.on_cut.0.take() {
-                cut();
-            }
+            (self.unhooked.0)(408);
         }
         io::Error::new(io::ErrorKind::TimedOut, "request header timeout")
     }
@@ -247,6 +259,19 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // The hooks stop the clock for every request they see (and restart
+        // it when it is done): an HTTP/1 answer written while it runs is one
+        // pingora gave on its own, before any hook, and counted here.
+        let state = self.clock.state.load(Relaxed);
+        if (state == HEADER || state == IDLE) && self.alpn != Some(ALPN::H2) {
+            if let Some(code) = status_line_code(buf) {
+                let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+                if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+                    (self.unhooked.0)(code);
+                }
+                return written;
+            }
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -372,3 +397,19 @@ impl GetSocketDigest for ClientIo {
 
 #[async_trait]
 impl Peek for ClientIo {}
+
+#[cfg(test)]
+mod tests {
+    use super::status_line_code;
+
+    #[test]
+    fn a_status_line_gives_its_code_and_nothing_else_does() {
+        assert_eq!(status_line_code(b"HTTP/1.1 400 Bad Request\r\n"), Some(400));
+        assert_eq!(status_line_code(b"HTTP/1.0 200 OK\r\n"), Some(200));
+        assert_eq!(status_line_code(b"HTTP/1.1 40"), None);
+        assert_eq!(status_line_code(b"HTTP/1.1 4x0 Bad\r\n"), None);
+        assert_eq!(status_line_code(b"HTTP/1.1400 Bad\r\n"), None);
+        assert_eq!(status_line_code(b"hello"), None);
+        assert_eq!(status_line_code(b""), None);
+    }
+}
