@@ -48,9 +48,9 @@ use crate::config::{Forwarded, HttpSettings, ListenerSettings};
 use crate::edge::acl::Prefixes;
 use crate::listener::LogLimiter;
 use crate::metrics::{ConnectErrorKind, HttpMetrics, ListenerMetrics};
-use crate::pool::{Member, OpenRequest, Pool};
+use crate::pool::{CloseCause, Member, OpenRequest, Pool};
 use crate::tls::front::PoolLookup;
-use io::{ClientIo, HeaderClock, Transport};
+use io::{BackendClose, ClientIo, HeaderClock, Transport};
 use routes::Router;
 
 /// The pool label of requests that had none.
@@ -99,6 +99,10 @@ pub struct Ctx {
     started: Instant,
     client: Option<SocketAddr>,
     clock: Option<Arc<HeaderClock>>,
+    /// HTTP/1: the close of the request's backend ends the client's
+    /// connection (an HTTP/2 stream is left to end on its own: cutting the
+    /// connection would end its other streams too).
+    backend_close: Option<Arc<BackendClose>>,
     pool: Option<Arc<Pool>>,
     /// Backend ids tried.
     tried: Vec<usize>,
@@ -255,6 +259,7 @@ impl ProxyHttp for Service {
             started: Instant::now(),
             client: None,
             clock: None,
+            backend_close: None,
             pool: None,
             tried: Vec::new(),
             attempts_left: 0,
@@ -282,6 +287,7 @@ impl ProxyHttp for Service {
             if let Some(io) = stream.as_any().downcast_ref::<ClientIo>() {
                 io.clock().stop();
                 ctx.clock = Some(Arc::clone(io.clock()));
+                ctx.backend_close = Some(Arc::clone(io.backend_close()));
             }
         }
         downstream.set_read_timeout(Some(self.body_timeout));
@@ -368,6 +374,11 @@ impl ProxyHttp for Service {
         ctx.made += 1;
         ctx.tried.push(member.backend.id());
         ctx.open = Some(member.backend.open_request());
+        if let Some(close) = &ctx.backend_close {
+            // Before the connect, as for a TCP session: a close decided
+            // while it runs still reaches this request.
+            close.watch(member.backend.watch_closing());
+        }
         ctx.member = Some(member);
         ctx.connect_started = Some(Instant::now());
         let _ = session;
@@ -491,6 +502,26 @@ impl ProxyHttp for Service {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if ctx.backend_close.as_ref().is_some_and(|c| c.fired()) {
+            // The backend closed its sessions (on_backend_down: close, ...):
+            // the client's connection is cut, as a TCP session would be;
+            // nothing more can be written to it.
+            ctx.cause = Some(
+                match ctx
+                    .member
+                    .as_ref()
+                    .and_then(|m| m.backend.last_close_cause())
+                {
+                    Some(CloseCause::Maintenance) => Cause::ClosedAdmin,
+                    _ => Cause::ClosedFailover,
+                },
+            );
+            ctx.status = Some(502);
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
             (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => {
@@ -567,6 +598,9 @@ impl ProxyHttp for Service {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         ctx.open = None;
+        if let Some(close) = &ctx.backend_close {
+            close.clear();
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

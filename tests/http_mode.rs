@@ -130,6 +130,15 @@ impl App {
         }
     }
 
+    /// Stop accepting: its port refuses connects (checks fail), while the
+    /// connections it has go on.
+    fn close_port(&self) {
+        // The accept loop is the first task (no connection comes before start returns).
+        if let Some(accept) = self.tasks.lock().unwrap().first() {
+            accept.abort();
+        }
+    }
+
     /// Stop it at once: its port refuses connects, its connections close.
     fn kill(&self) {
         for t in self.tasks.lock().unwrap().drain(..) {
@@ -1010,6 +1019,21 @@ async fn websocket_upgrade_passes_through_as_a_tunnel() {
     let a = App::start("a", Duration::ZERO).await;
     let port = reserve_port();
     let _s = Sluice::start(&config(port, "", "", &plain(&[&a]))).await;
+    let mut c = websocket(port).await;
+    // Bytes both ways through the tunnel, several times.
+    for msg in [&b"hello"[..], b"\x81\x05frame", &[0u8; 3000][..]] {
+        c.write_all(msg).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, msg);
+    }
+}
+
+/// Open a WebSocket tunnel through sluice at `port`.
+async fn websocket(port: u16) -> TcpStream {
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     c.write_all(
         b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -1024,25 +1048,54 @@ async fn websocket_upgrade_passes_through_as_a_tunnel() {
             .await
             .unwrap()
             .unwrap();
-        assert!(
-            n > 0,
-            "closed before the upgrade: {}",
-            String::from_utf8_lossy(&got)
-        );
+        assert!(n > 0, "closed before the upgrade");
         got.extend_from_slice(&chunk[..n]);
     }
-    let head = String::from_utf8_lossy(&got).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    // Bytes both ways through the tunnel, several times.
-    for msg in [&b"hello"[..], b"\x81\x05frame", &[0u8; 3000][..]] {
-        c.write_all(msg).await.unwrap();
-        let mut echo = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut echo))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echo, msg);
-    }
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    c
+}
+
+#[tokio::test]
+async fn on_backend_down_close_ends_requests_in_flight_and_tunnels_on_that_backend() {
+    // The backend takes 30 s over /slow; checks every 200 ms.
+    let a = App::start("a", Duration::from_secs(30)).await;
+    let port = reserve_port();
+    let s = Sluice::start(&config(port, "", "on_backend_down: close", &plain(&[&a]))).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut tunnel = websocket(port).await;
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tunnel.read_exact(&mut echo).await.unwrap();
+    // (The tunnel is not counted as a request by the backend.)
+    wait_until("the slow request reaches the backend", || async {
+        a.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Checks now fail; the connections the backend has stay open.
+    let started = Instant::now();
+    a.close_port();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut answer))
+        .await
+        .expect("the request in flight is ended when its backend goes down")
+        .ok();
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel is ended when its backend goes down")
+        .ok();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "502")],
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -9,9 +9,15 @@
 //! byte for later ones, and stops when a request's header is complete.
 //! Between requests it allows the keep-alive wait instead.
 //!
+//! It also ends the connection when the backend of the request in flight
+//! closes its sessions ([`BackendClose`]: `on_backend_down: close`,
+//! `on_failback: close`, a primary that lost the writes, maintenance), as
+//! a TCP session to that backend would end.
+//!
 //! It also tells pingora who the client is (the address a trusted proxy's
 //! PROXY header gave, else the socket's peer) and which protocol ALPN chose.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -105,6 +111,77 @@ impl HeaderClock {
     }
 }
 
+/// The close of the backend serving the request in flight on one client
+/// connection: set when the request picks a backend, cleared when it ends.
+/// Once the backend's sessions are told to close, the connection's reads
+/// and writes fail, which ends the request (and a tunnel) at once.
+#[derive(Default)]
+pub struct BackendClose {
+    waiting: std::sync::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+    /// Whether `waiting` holds a close to wait for (spares the lock on
+    /// every read and write while it does not).
+    armed: std::sync::atomic::AtomicBool,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for BackendClose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendClose")
+            .field("fired", &self.fired())
+            .finish()
+    }
+}
+
+impl BackendClose {
+    /// Watch `closing` (subscribed before the connect, so that a close
+    /// decided meanwhile counts) for the request now in flight.
+    pub fn watch<T: Send + Sync + 'static>(&self, mut closing: tokio::sync::watch::Receiver<T>) {
+        let wait = Box::pin(async move {
+            if closing.changed().await.is_err() {
+                // The backend is gone from the configuration: nothing closes.
+                std::future::pending::<()>().await;
+            }
+        });
+        *crate::sys::lock(&self.waiting) = Some(wait);
+        self.armed.store(true, Relaxed);
+    }
+
+    /// The request ended: its backend's close no longer concerns the connection.
+    pub fn clear(&self) {
+        if self.armed.swap(false, Relaxed) {
+            *crate::sys::lock(&self.waiting) = None;
+        }
+    }
+
+    /// Whether a backend's close ended the connection.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Relaxed)
+    }
+
+    /// An error once the watched backend closed its sessions.
+    fn poll_closed(&self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if !self.fired() {
+            if !self.armed.load(Relaxed) {
+                return None;
+            }
+            let mut waiting = crate::sys::lock(&self.waiting);
+            let closed = waiting
+                .as_mut()
+                .is_some_and(|w| w.as_mut().poll(cx).is_ready());
+            if !closed {
+                return None;
+            }
+            *waiting = None;
+            self.armed.store(false, Relaxed);
+            self.fired.store(true, Relaxed);
+        }
+        Some(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the backend of the request closed its sessions",
+        ))
+    }
+}
+
 /// The client's transport.
 #[derive(Debug)]
 pub enum Transport {
@@ -125,6 +202,7 @@ const WRITE_BUFFER: usize = 1460;
 pub struct ClientIo {
     inner: BufWriter<Transport>,
     clock: Arc<HeaderClock>,
+    backend_close: Arc<BackendClose>,
     sleep: Pin<Box<Sleep>>,
     digest: Arc<SocketDigest>,
     ssl: Option<Arc<SslDigest>>,
@@ -200,6 +278,7 @@ impl ClientIo {
         let sleep = Box::pin(tokio::time::sleep_until(clock.deadline()));
         ClientIo {
             inner: BufWriter::with_capacity(WRITE_BUFFER, inner),
+            backend_close: Arc::default(),
             clock,
             sleep,
             digest: Arc::new(digest),
@@ -213,6 +292,11 @@ impl ClientIo {
     /// The clock of this connection.
     pub fn clock(&self) -> &Arc<HeaderClock> {
         &self.clock
+    }
+
+    /// The close of the backend serving this connection's request.
+    pub fn backend_close(&self) -> &Arc<BackendClose> {
+        &self.backend_close
     }
 
     fn expire(&mut self) -> io::Error {
@@ -231,6 +315,9 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(e) = this.backend_close.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         match this.clock.state.load(Relaxed) {
             OFF => {}
             EXPIRED => return Poll::Ready(Err(this.expire())),
@@ -259,6 +346,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.backend_close.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         // The hooks stop the clock for every request they see (and restart
         // it when it is done): an HTTP/1 answer written while it runs is one
         // pingora gave on its own, before any hook, and counted here.
@@ -280,6 +370,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.backend_close.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
