@@ -14,7 +14,8 @@ Workloads (two redis backends where the workload allows, one iperf3 server):
   - RSS growth per idle proxied connection at several connection counts
   - request rate at several client counts
   - the edge lines: sluice's plain listener against one with a 1,000-prefix
-    allow list, per-source limits and PROXY v2 sent to the backend (both through
+    allow list, per-source limits and PROXY v2 sent to the backend with
+    `proxy_protocol_wait: 5ms` (both through
     the same NGINX stream relay to redis, so the header has a reader): PING and
     churn rates, memory per idle connection
   - the access-log lines: sluice with `access_log` (JSON to a file) against the
@@ -101,7 +102,8 @@ HTTP_SMALL_BODY = b"ok\n"
 # reader (NGINX `listen … proxy_protocol`) and both paths pay the same hop:
 #   sluice-plain: no edge keys                      -> NGINX :17302 -> redis
 #   sluice-edge:  1,000-prefix allow list, per-source
-#                 limits, PROXY v2 to the backend   -> NGINX :17303 (proxy_protocol) -> redis
+#                 limits, PROXY v2 to the backend
+#                 (proxy_protocol_wait: 5ms)        -> NGINX :17303 (proxy_protocol) -> redis
 EDGE_PATHS = {"sluice-plain": 17221, "sluice-edge": 17222}
 EDGE_RELAYS = (17302, 17303)
 # The access-log lines: the main sluice (no access log) against a second
@@ -376,7 +378,8 @@ pools:
   iperf: {{ backends: [127.0.0.1:{IPERF_PORT}] }}
   http: {{ backends: [127.0.0.1:{HTTP_PORT}] }}
   relay_plain: {{ backends: [127.0.0.1:{EDGE_RELAYS[0]}] }}
-  relay_proxy: {{ proxy_protocol: v2, backends: [127.0.0.1:{EDGE_RELAYS[1]}] }}
+  # Redis clients speak first: the header may wait for their first bytes.
+  relay_proxy: {{ proxy_protocol: v2, proxy_protocol_wait: 5ms, backends: [127.0.0.1:{EDGE_RELAYS[1]}] }}
   web: {{ backends: [127.0.0.1:{HTTP_PORT}, 127.0.0.1:{HTTP_PORT_2}] }}
 """)
 

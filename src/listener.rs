@@ -145,8 +145,10 @@ impl EdgeRules {
 /// What the accept loop learned about a client before its task runs.
 #[derive(Default)]
 pub struct Entry {
-    /// The client's address, when an edge rule needed it.
+    /// The client's address (the socket's peer).
     peer: Option<SocketAddr>,
+    /// The address it reached, when its listening socket has only one.
+    local: Option<SocketAddr>,
     /// A trusted proxy: its PROXY header comes first.
     needs_header: bool,
     /// The client's place in its address's connection count.
@@ -363,6 +365,29 @@ async fn write_all(socket: &Socket, mut bytes: &[u8], more: bool) -> io::Result<
     Ok(())
 }
 
+/// Whether the client's first bytes wait on `client` already, or arrive
+/// within `wait` (an end of stream or an error is not bytes).
+async fn client_spoke(client: &Socket, wait: Duration) -> bool {
+    match client.get_ref().peek(&mut [0u8; 1]) {
+        Ok(n) => return n > 0,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(_) => return false,
+    }
+    if wait.is_zero() {
+        return false;
+    }
+    let arrived = tokio::time::timeout(wait, async {
+        loop {
+            let mut guard = client.readable().await?;
+            if let Ok(peeked) = guard.try_io(|c| c.get_ref().peek(&mut [0u8; 1])) {
+                return peeked;
+            }
+        }
+    })
+    .await;
+    matches!(arrived, Ok(Ok(n)) if n > 0)
+}
+
 /// The longest time after a connect in which a backend closing a session
 /// the client has not used yet moves the client to another backend.
 pub const UNUSED_WINDOW_MAX: Duration = Duration::from_millis(500);
@@ -476,11 +501,20 @@ impl ListenerApp {
     /// Screen a client the moment it is accepted, before its task exists:
     /// the source rules, unless it is a trusted proxy whose header must be
     /// read first. `None`: refused, counted, and closed when dropped.
-    pub fn screen(&self, client: &Socket) -> Option<Entry> {
+    pub fn screen(
+        &self,
+        client: &Socket,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+    ) -> Option<Entry> {
         let Some(edge) = &self.edge else {
-            return Some(Entry::default());
+            return Some(Entry {
+                peer,
+                local,
+                ..Entry::default()
+            });
         };
-        let Ok(peer) = client.get_ref().peer_addr() else {
+        let Some(peer) = peer.or_else(|| client.get_ref().peer_addr().ok()) else {
             // Gone already (reset before it was looked at).
             self.metrics.connections.inc();
             return None;
@@ -488,6 +522,7 @@ impl ListenerApp {
         if edge.trusts(peer.ip()) {
             return Some(Entry {
                 peer: Some(peer),
+                local,
                 needs_header: true,
                 slot: None,
             });
@@ -503,6 +538,7 @@ impl ListenerApp {
         match refusal {
             Ok(slot) => Some(Entry {
                 peer: Some(peer),
+                local,
                 needs_header: false,
                 slot,
             }),
@@ -558,6 +594,7 @@ impl ListenerApp {
         // A trusted proxy's header first: it says who the client is.
         let Entry {
             peer,
+            local,
             needs_header,
             slot,
         } = entry;
@@ -645,7 +682,8 @@ impl ListenerApp {
         // A client that is sluice itself, many hops deep: a proxy loop.
         let hops = loops::hops_of(|| {
             let c = client.get_ref();
-            c.peer_addr().ok().zip(c.local_addr().ok())
+            peer.or_else(|| c.peer_addr().ok())
+                .zip(local.or_else(|| c.local_addr().ok()))
         });
         if hops >= loops::MAX_HOPS {
             note(&mut log, |r| r.cause = Cause::RefusedLoop);
@@ -659,6 +697,7 @@ impl ListenerApp {
                 .or_else(|| client.get_ref().peer_addr().ok());
             let local = origin
                 .and_then(|(_, to)| to)
+                .or(local)
                 .or_else(|| client.get_ref().local_addr().ok());
             let started = Instant::now();
             let tcp = match tokio::net::TcpStream::from_std(client.into_inner()) {
@@ -734,6 +773,7 @@ impl ListenerApp {
             (Some(version), Some(from)) => {
                 let to = origin
                     .and_then(|(_, to)| to)
+                    .or(local)
                     .or_else(|| client.get_ref().local_addr().ok());
                 to.map(|to| proxy::header(version, from, to))
             }
@@ -987,6 +1027,7 @@ impl ListenerApp {
     ) -> Result<Connected, Refusal> {
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
+        let proxy_wait = generation.settings.proxy_protocol_wait;
         let tls = upstream::Dial::of(&generation.settings);
         drop(generation);
         while attempts.left > 0 {
@@ -1019,13 +1060,24 @@ impl ListenerApp {
             };
             // The PROXY protocol header goes first, on the TCP connection,
             // before any client byte and before a TLS handshake.
+            let mut waited = Duration::ZERO;
             let connected = match (connected, preamble) {
                 (Ok(socket), Some(bytes)) => {
-                    // The client's first bytes already wait (client-speaks-
-                    // first protocols, checked now that the connect took its
-                    // round trip): the header leaves with them.
-                    let more = plain_client
-                        .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+                    // The header leaves with what follows it at once: the
+                    // TLS handshake of a TLS pool, or the client's first
+                    // bytes when they wait already (client-speaks-first
+                    // protocols, checked now that the connect took its round
+                    // trip) or arrive within the pool's `proxy_protocol_wait`.
+                    let more = tls.is_some()
+                        || match plain_client {
+                            Some(c) => {
+                                let from = Instant::now();
+                                let spoke = client_spoke(c, proxy_wait).await;
+                                waited = from.elapsed();
+                                spoke
+                            }
+                            None => false,
+                        };
                     match write_all(&socket, bytes, more).await {
                         Ok(()) => Ok(socket),
                         Err(e) => Err((ConnectErrorKind::Other, e)),
@@ -1042,10 +1094,9 @@ impl ListenerApp {
             };
             match connected {
                 Ok(upstream) => {
-                    backend
-                        .metrics
-                        .connect_duration
-                        .observe(started.elapsed().as_secs_f64());
+                    // The wait for the client is not the backend's time.
+                    let took = started.elapsed().saturating_sub(waited);
+                    backend.metrics.connect_duration.observe(took.as_secs_f64());
                     backend.metrics.connections.inc();
                     pool.observe_connect(backend, true, &"");
                     return Ok(Connected {
@@ -1053,7 +1104,7 @@ impl ListenerApp {
                         upstream,
                         closing,
                         _into_sluice: registration,
-                        took: started.elapsed(),
+                        took,
                     });
                 }
                 Err((_, e)) if crate::sys::is_local_exhaustion(&e) => {

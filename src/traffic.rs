@@ -517,6 +517,13 @@ impl Traffic {
         mut stopped: watch::Receiver<bool>,
         mut shutdown: ShutdownWatch,
     ) {
+        // Clients of a socket bound to one address reach that address:
+        // no getsockname(2) per client (a wildcard bind still asks).
+        let local = listener
+            .get_ref()
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
         let pool = app.load().pool();
         tokio::select! {
             _ = pool.wait_ready() => {}
@@ -538,11 +545,11 @@ impl Traffic {
                     };
                     for _ in 0..ACCEPT_BATCH {
                         match guard.try_io(|l| socket::accept(l.get_ref())) {
-                            Ok(Ok(client)) => {
+                            Ok(Ok((client, peer))) => {
                                 let app = app.load_full();
                                 // Source rules before any other work: a refused
                                 // client is closed here, no task spawned.
-                                let Some(entry) = app.screen(&client) else {
+                                let Some(entry) = app.screen(&client, peer, local) else {
                                     continue;
                                 };
                                 let admitted = self.open.admit();

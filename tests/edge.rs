@@ -244,6 +244,92 @@ async fn proxy_aware_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedRecei
     (at, rx)
 }
 
+/// A backend that reports the first read of each connection, then greets
+/// (as a server-speaks-first protocol would) and closes.
+async fn first_read_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                let _ = tx.send(chunk[..n].to_vec());
+                let _ = s.write_all(b"hello\n").await;
+            });
+        }
+    });
+    (at, rx)
+}
+
+/// The next first read of a client connection (health checks' LOCAL
+/// headers skipped), split into the header and what came with it.
+async fn next_client_read(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
+    loop {
+        let read = tokio::time::timeout(DEADLINE, seen.recv())
+            .await
+            .expect("a first read")
+            .unwrap();
+        let header = proxy::parse(&read, None).unwrap().expect("a whole header");
+        if header.addresses.is_some() {
+            return read[header.len..].to_vec();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_wait_sends_the_header_with_the_clients_first_bytes() {
+    for wait in ["0s", "1s"] {
+        let (backend, mut seen) = first_read_backend().await;
+        let port = reserve_port();
+        let _sluice = Sluice::start(&front_to_app(
+            port,
+            "",
+            &format!("proxy_protocol: v2\nproxy_protocol_wait: {wait}\nbackends: ['{backend}']"),
+        ))
+        .await;
+        // A client that speaks first, a moment after its connect.
+        let mut c = connect_from("127.0.0.21", addr(port)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.write_all(b"PING\r\n").await.unwrap();
+        let with_header = next_client_read(&mut seen).await;
+        if wait == "0s" {
+            assert_eq!(
+                with_header, b"",
+                "without a wait the header leaves at once, alone"
+            );
+        } else {
+            assert_eq!(
+                with_header, b"PING\r\n",
+                "the header waited for the client's bytes"
+            );
+        }
+        let mut greeting = String::new();
+        tokio::time::timeout(DEADLINE, c.read_to_string(&mut greeting))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(greeting, "hello\n");
+    }
+    // A client that waits for the server: the header leaves after the wait,
+    // alone, and the server's greeting reaches the client.
+    let (backend, mut seen) = first_read_backend().await;
+    let port = reserve_port();
+    let _sluice = Sluice::start(&front_to_app(
+        port,
+        "",
+        &format!("proxy_protocol: v1\nproxy_protocol_wait: 300ms\nbackends: ['{backend}']"),
+    ))
+    .await;
+    assert_eq!(read_from("127.0.0.22", addr(port)).await, "hello\n");
+    assert_eq!(next_client_read(&mut seen).await, b"");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_is_required_from_trusted_proxies_and_refused_from_others() {
     for version in [ProxyVersion::V1, ProxyVersion::V2] {
