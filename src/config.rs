@@ -98,9 +98,6 @@ pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest `primary_hold`: a day (refusing writes longer than that is
 /// an outage, not a guard).
 pub const MAX_PRIMARY_HOLD: Duration = DAY;
-/// The longest `proxy_protocol_wait`: a second (a client that has said
-/// nothing by then is waiting for the server).
-pub const MAX_PROXY_PROTOCOL_WAIT: Duration = Duration::from_secs(1);
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -271,9 +268,6 @@ pub struct PoolSettings {
     /// Write a PROXY protocol header with the client's address to each
     /// backend connection first.
     pub proxy_protocol: Option<edge::ProxyVersion>,
-    /// How long the PROXY header may wait, after the connect, for the
-    /// client's first bytes to leave with them (zero: sent at once).
-    pub proxy_protocol_wait: Duration,
     /// Backends in priority order.
     pub backends: Vec<BackendSettings>,
     /// TLS to the backends.
@@ -1040,7 +1034,6 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "fallback_to_primary",
             "primary_hold",
             "proxy_protocol",
-            "proxy_protocol_wait",
             "backends",
             "tls",
         ],
@@ -1206,20 +1199,6 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
     let proxy_protocol = f
         .get("proxy_protocol")
         .and_then(|v| edge::proxy_send(d, v, &f.path("proxy_protocol")));
-    let proxy_protocol_wait = f.get("proxy_protocol_wait").and_then(|v| {
-        d.duration_within(
-            v,
-            &f.path("proxy_protocol_wait"),
-            Duration::ZERO,
-            MAX_PROXY_PROTOCOL_WAIT,
-        )
-    });
-    if proxy_protocol_wait.is_some() && f.get("proxy_protocol").is_none() {
-        d.problem(
-            f.path("proxy_protocol_wait"),
-            "only applies with proxy_protocol (v1 or v2)",
-        );
-    }
     let health_check = health_check.unwrap_or_default();
     let primary_hold = primary_hold_set
         .flatten()
@@ -1239,7 +1218,6 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         fallback_to_primary,
         primary_hold,
         proxy_protocol,
-        proxy_protocol_wait: proxy_protocol_wait.unwrap_or(Duration::ZERO),
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
         tls,
     })

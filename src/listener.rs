@@ -365,29 +365,6 @@ async fn write_all(socket: &Socket, mut bytes: &[u8], more: bool) -> io::Result<
     Ok(())
 }
 
-/// Whether the client's first bytes wait on `client` already, or arrive
-/// within `wait` (an end of stream or an error is not bytes).
-async fn client_spoke(client: &Socket, wait: Duration) -> bool {
-    match client.get_ref().peek(&mut [0u8; 1]) {
-        Ok(n) => return n > 0,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(_) => return false,
-    }
-    if wait.is_zero() {
-        return false;
-    }
-    let arrived = tokio::time::timeout(wait, async {
-        loop {
-            let mut guard = client.readable().await?;
-            if let Ok(peeked) = guard.try_io(|c| c.get_ref().peek(&mut [0u8; 1])) {
-                return peeked;
-            }
-        }
-    })
-    .await;
-    matches!(arrived, Ok(Ok(n)) if n > 0)
-}
-
 /// The longest time after a connect in which a backend closing a session
 /// the client has not used yet moves the client to another backend.
 pub const UNUSED_WINDOW_MAX: Duration = Duration::from_millis(500);
@@ -1027,7 +1004,6 @@ impl ListenerApp {
     ) -> Result<Connected, Refusal> {
         let generation = pool.generation();
         let timeout = generation.settings.connect_timeout;
-        let proxy_wait = generation.settings.proxy_protocol_wait;
         let tls = upstream::Dial::of(&generation.settings);
         drop(generation);
         while attempts.left > 0 {
@@ -1060,24 +1036,16 @@ impl ListenerApp {
             };
             // The PROXY protocol header goes first, on the TCP connection,
             // before any client byte and before a TLS handshake.
-            let mut waited = Duration::ZERO;
             let connected = match (connected, preamble) {
                 (Ok(socket), Some(bytes)) => {
                     // The header leaves with what follows it at once: the
                     // TLS handshake of a TLS pool, or the client's first
                     // bytes when they wait already (client-speaks-first
                     // protocols, checked now that the connect took its round
-                    // trip) or arrive within the pool's `proxy_protocol_wait`.
+                    // trip).
                     let more = tls.is_some()
-                        || match plain_client {
-                            Some(c) => {
-                                let from = Instant::now();
-                                let spoke = client_spoke(c, proxy_wait).await;
-                                waited = from.elapsed();
-                                spoke
-                            }
-                            None => false,
-                        };
+                        || plain_client
+                            .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
                     match write_all(&socket, bytes, more).await {
                         Ok(()) => Ok(socket),
                         Err(e) => Err((ConnectErrorKind::Other, e)),
@@ -1094,8 +1062,7 @@ impl ListenerApp {
             };
             match connected {
                 Ok(upstream) => {
-                    // The wait for the client is not the backend's time.
-                    let took = started.elapsed().saturating_sub(waited);
+                    let took = started.elapsed();
                     backend.metrics.connect_duration.observe(took.as_secs_f64());
                     backend.metrics.connections.inc();
                     pool.observe_connect(backend, true, &"");

@@ -512,7 +512,7 @@ fn a_leading_byte_order_mark_is_accepted() {
     assert_eq!(
         got,
         [
-            "pools.app.colour: unknown key `colour` (expected one of: algorithm, mode, failback, connect_timeout, connect_attempts, on_backend_down, on_failback, health_check, role, fallback_to_primary, primary_hold, proxy_protocol, proxy_protocol_wait, backends, tls) (line 7, column 5)"
+            "pools.app.colour: unknown key `colour` (expected one of: algorithm, mode, failback, connect_timeout, connect_attempts, on_backend_down, on_failback, health_check, role, fallback_to_primary, primary_hold, proxy_protocol, backends, tls) (line 7, column 5)"
         ]
     );
 }
@@ -706,12 +706,6 @@ fn edge_keys_are_read() {
     assert_eq!(pp.version, None);
     let c = Config::from_yaml(&with_pool_keys("proxy_protocol: v1")).unwrap();
     assert_eq!(c.pools[0].proxy_protocol, Some(edge::ProxyVersion::V1));
-    assert_eq!(c.pools[0].proxy_protocol_wait, Duration::ZERO);
-    let c = Config::from_yaml(&with_pool_keys(
-        "proxy_protocol: v2\nproxy_protocol_wait: 5ms",
-    ))
-    .unwrap();
-    assert_eq!(c.pools[0].proxy_protocol_wait, Duration::from_millis(5));
 }
 
 #[test]
@@ -736,16 +730,6 @@ fn edge_mistakes_are_reported_with_paths() {
     assert!(p.contains("listeners.web.allow: is empty"), "{p}");
     let p = problems(&with_pool_keys("proxy_protocol: v3")).join("\n");
     assert!(p.contains("pools.app.proxy_protocol: "), "{p}");
-    let p = problems(&with_pool_keys("proxy_protocol_wait: 5ms")).join("\n");
-    assert!(
-        p.contains("pools.app.proxy_protocol_wait: only applies with proxy_protocol"),
-        "{p}"
-    );
-    let p = problems(&with_pool_keys(
-        "proxy_protocol: v1\nproxy_protocol_wait: 2s",
-    ))
-    .join("\n");
-    assert!(p.contains("pools.app.proxy_protocol_wait: "), "{p}");
 }
 
 #[test]
