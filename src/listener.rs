@@ -1038,14 +1038,11 @@ impl ListenerApp {
             // before any client byte and before a TLS handshake.
             let connected = match (connected, preamble) {
                 (Ok(socket), Some(bytes)) => {
-                    // The header leaves with what follows it at once: the
-                    // TLS handshake of a TLS pool, or the client's first
-                    // bytes when they wait already (client-speaks-first
-                    // protocols, checked now that the connect took its round
-                    // trip).
-                    let more = tls.is_some()
-                        || plain_client
-                            .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+                    // The client's first bytes already wait (client-speaks-
+                    // first protocols, checked now that the connect took its
+                    // round trip): the header leaves with them.
+                    let more = plain_client
+                        .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
                     match write_all(&socket, bytes, more).await {
                         Ok(()) => Ok(socket),
                         Err(e) => Err((ConnectErrorKind::Other, e)),
