@@ -177,43 +177,41 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Connect a client to `listener` and accept it as sluice does.
+    async fn connect_and_accept(
+        listener: std::net::TcpListener,
+    ) -> (std::net::TcpStream, Socket, Option<SocketAddr>) {
+        let addr = listener.local_addr().unwrap();
+        let registered = register_listener(listener).unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        loop {
+            match accept(registered.get_ref()) {
+                Ok((accepted, peer)) => return (client, accepted, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     /// Accepted clients get `TCP_NODELAY` from their listener (no system
     /// call of their own), inherited listeners included, and come with the
     /// client's address.
     #[tokio::test]
     async fn accepted_clients_have_nodelay_from_their_listener_and_their_address() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let registered = register_listener(listener).unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (accepted, peer) = loop {
-            match accept(registered.get_ref()) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let (client, accepted, peer) = connect_and_accept(listener).await;
         assert!(accepted.get_ref().nodelay().unwrap());
         assert_eq!(peer, Some(client.local_addr().unwrap()));
         assert_eq!(peer, accepted.get_ref().peer_addr().ok());
     }
 
-    /// An IPv6 client's address comes whole (scope and all).
+    /// An IPv6 client's address comes whole from accept.
     #[tokio::test]
     async fn an_ipv6_clients_address_comes_from_accept() {
         let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
             return; // No IPv6 loopback on this machine.
         };
-        let addr = listener.local_addr().unwrap();
-        let registered = register_listener(listener).unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (_, peer) = loop {
-            match accept(registered.get_ref()) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let (client, _, peer) = connect_and_accept(listener).await;
         assert_eq!(peer, Some(client.local_addr().unwrap()));
     }
 
