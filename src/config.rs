@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
-pub use self::http::{Forwarded, Hsts, HttpRoute, HttpSettings, Protocol};
+pub use self::http::{BackendHttp, Forwarded, Hsts, HttpRoute, HttpSettings, Protocol};
 pub use binds::{binds_overlap, ipv6_only_by_default};
 pub use check::{
     CheckKind, Credentials, Expect, HttpCheck, Pattern, PostgresCheck, RoleRequirement, Secret,
@@ -272,6 +272,9 @@ pub struct PoolSettings {
     pub backends: Vec<BackendSettings>,
     /// TLS to the backends.
     pub tls: Option<BackendTls>,
+    /// The HTTP version HTTP listeners speak to the backends; `None`: not
+    /// set (HTTP/1.1).
+    pub http_version: Option<BackendHttp>,
 }
 
 /// A pool's `health_check` section.
@@ -1036,9 +1039,13 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
             "proxy_protocol",
             "backends",
             "tls",
+            "http_version",
         ],
     )?;
     let tls = tls::decode_pool(d, &f);
+    let http_version = f
+        .get("http_version")
+        .and_then(|v| http::decode_backend_http(d, v, &f.path("http_version"), &f));
 
     let algorithm_set = f.get("algorithm").map(|v| {
         d.choice(
@@ -1220,6 +1227,7 @@ fn decode_pool(d: &mut Decoder, name: &str, v: &Value, path: &str) -> Option<Poo
         proxy_protocol,
         backends: backends?.into_iter().map(|(b, _)| b).collect(),
         tls,
+        http_version,
     })
 }
 

@@ -10,7 +10,10 @@
 //! asks the pool for a backend, exactly as a TCP client would: health,
 //! roles, active-passive, backups, drain/maint and weights all come from
 //! [`crate::pool`]. Connections to backends are kept alive and reused by
-//! pingora's connector (one connection pool per listener).
+//! pingora's connector (one connection pool per listener, keyed per pool):
+//! HTTP/1.1, or HTTP/2 as the pool's `http_version` says (over TLS by
+//! ALPN, or h2c by prior knowledge); a pool's `tls` is handed to pingora's
+//! rustls connector ([`crate::tls::upstream::HttpTls`]).
 //!
 //! Failures: no backend to try -> 503; every connect failed -> 502 (a
 //! failed connect is retried on another backend, up to the pool's
@@ -35,6 +38,7 @@ use bytes::Bytes;
 use log::{debug, warn};
 use pingora::apps::{HttpServerApp, HttpServerOptions, ServerApp};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::listeners::ALPN;
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
@@ -44,7 +48,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessLog, Cause, HttpFields, Record};
-use crate::config::{Forwarded, HttpSettings, ListenerSettings};
+use crate::config::{BackendHttp, Forwarded, HttpSettings, ListenerSettings};
 use crate::edge::acl::Prefixes;
 use crate::listener::LogLimiter;
 use crate::metrics::{ConnectErrorKind, HttpMetrics, ListenerMetrics};
@@ -57,6 +61,17 @@ use routes::Router;
 const NO_POOL: &str = "none";
 /// The status logged for a client that went away before its answer (as NGINX does).
 const CLIENT_GONE: u16 = 499;
+/// Most requests in flight on one HTTP/2 connection to a backend (less when
+/// the backend's SETTINGS say so).
+const MAX_H2_STREAMS: usize = 100;
+
+/// A pool's share of the key pingora keeps backend connections under.
+fn pool_key(name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
 
 /// What one HTTP listener shares with pingora's HTTP server.
 pub struct HttpFront {
@@ -366,6 +381,15 @@ impl ProxyHttp for Service {
             _ => Vec::new(),
         };
         let connect_timeout = generation.settings.connect_timeout;
+        let dial = generation
+            .settings
+            .tls
+            .as_ref()
+            .map(|t| (t.sni.clone(), t.verify, Arc::clone(&t.http)));
+        let version = generation
+            .settings
+            .http_version
+            .unwrap_or(BackendHttp::Http1);
         drop(generation);
         let Some((member, addr)) = pool.pick(&key, &ctx.tried) else {
             return refuse(ctx);
@@ -379,10 +403,43 @@ impl ProxyHttp for Service {
             // while it runs still reaches this request.
             close.watch(member.backend.watch_closing());
         }
+        let name = match &dial {
+            // Never empty: pingora skips verification without a name.
+            Some((sni, _, _)) => sni
+                .clone()
+                .unwrap_or_else(|| member.backend.address.host().to_string()),
+            None => String::new(),
+        };
         ctx.member = Some(member);
         ctx.connect_started = Some(Instant::now());
-        let _ = session;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = match dial {
+            None => HttpPeer::new(addr, false, name),
+            Some((_, verify, tls)) => {
+                let mut peer = HttpPeer::new(addr, true, name);
+                peer.options.verify_cert = verify;
+                peer.options.verify_hostname = verify;
+                peer.options.ca = tls.ca.clone();
+                peer.client_cert_key = tls.cert_key.clone();
+                // Connections made under an earlier reload's TLS settings
+                // are not reused.
+                peer.group_key = tls.id;
+                peer
+            }
+        };
+        // Backend connections are kept per pool: pools may differ in TLS
+        // and HTTP version towards the same address.
+        peer.group_key ^= pool_key(&pool.name);
+        peer.options.alpn = match version {
+            // An Upgrade (WebSocket) exists in HTTP/1.1 only.
+            _ if session.is_upgrade_req() => ALPN::H1,
+            BackendHttp::Http1 => ALPN::H1,
+            BackendHttp::Http2 => ALPN::H2,
+            BackendHttp::Auto => ALPN::H2H1,
+        };
+        if version != BackendHttp::Http1 {
+            // Requests share an HTTP/2 connection, up to what the backend allows.
+            peer.options.max_h2_streams = MAX_H2_STREAMS;
+        }
         peer.options.connection_timeout = Some(connect_timeout);
         peer.options.read_timeout = Some(self.backend_timeout);
         peer.options.write_timeout = Some(self.backend_timeout);
@@ -449,6 +506,10 @@ impl ProxyHttp for Service {
             let kind = match e.etype() {
                 ErrorType::ConnectTimedout => ConnectErrorKind::Timeout,
                 ErrorType::ConnectRefused => ConnectErrorKind::Refused,
+                ErrorType::TLSHandshakeFailure
+                | ErrorType::TLSHandshakeTimedout
+                | ErrorType::InvalidCert
+                | ErrorType::HandshakeError => ConnectErrorKind::Tls,
                 _ => ConnectErrorKind::Other,
             };
             member.backend.metrics.connect_errors(kind).inc();
@@ -674,7 +735,19 @@ impl HttpFront {
             access_log,
             log: LogLimiter::new(),
         };
-        let conf = Arc::new(ServerConf::default());
+        let mut conf = ServerConf::default();
+        // pingora's connector loads the system's CA certificates for pools
+        // with `tls` but no `ca`, and panics when that fails (a bad
+        // SSL_CERT_FILE, an unreadable certificate): then it gets none.
+        let mut system = rustls::RootCertStore::empty();
+        if let Err(e) = pingora::tls::load_platform_certs_incl_env_into_store(&mut system) {
+            warn!(
+                "listener {name}: the system's CA certificates cannot be loaded ({e}); \
+                 in HTTP mode, backends of pools with tls but no ca will not be trusted"
+            );
+            conf.ca_file = Some("/dev/null".to_string());
+        }
+        let conf = Arc::new(conf);
         let mut proxy = pingora::proxy::http_proxy(&conf, service);
         let mut options = HttpServerOptions::default();
         options.h2_idle_timeout = Some(http.keepalive_timeout);

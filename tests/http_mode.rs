@@ -1003,6 +1003,55 @@ fn bad_protocol_and_misplaced_http_keys_are_named() {
             .any(|l| l.starts_with("listeners.web.http.routes[0].host: `a b` is not a host name")),
         "{p:?}"
     );
+    // A pool's http_version: auto needs TLS; only for pools HTTP listeners
+    // use; a TLS pool's own ALPN and TLS 1.3-only are TCP-mode keys.
+    let web = "listeners: { web: { bind: 127.0.0.1:80, pool: app, protocol: http } }\n";
+    let p = problems(&format!(
+        "{web}pools: {{ app: {{ http_version: auto, backends: ['127.0.0.1:9'] }} }}\n"
+    ));
+    assert!(
+        p[0].starts_with("pools.app.http_version: auto lets the backend choose by TLS ALPN"),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "{web}pools: {{ app: {{ http_version: 3, backends: ['127.0.0.1:9'] }} }}\n"
+    ));
+    assert!(
+        p[0].starts_with("pools.app.http_version: `3` is not one of"),
+        "{p:?}"
+    );
+    let p = problems(
+        "listeners: { db: { bind: 127.0.0.1:80, pool: app } }\n\
+         pools: { app: { http_version: 2, backends: ['127.0.0.1:9'] } }\n",
+    );
+    assert!(
+        p[0].starts_with(
+            "pools.app.http_version: only applies to pools that listeners with protocol: http use"
+        ),
+        "{p:?}"
+    );
+    let p = problems(&format!(
+        "{web}pools: {{ app: {{ tls: {{ insecure_skip_verify: true, alpn: [h2], min_version: '1.3' }}, \
+         backends: ['127.0.0.1:9'] }} }}\n"
+    ));
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("pools.app.tls.alpn: listener web (protocol http) offers")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("pools.app.tls.min_version: listener web (protocol http)")),
+        "{p:?}"
+    );
+    let ok = Config::from_yaml(&format!(
+        "{web}pools: {{ app: {{ http_version: 2, backends: ['127.0.0.1:9'] }} }}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.pools[0].http_version,
+        Some(sluice::config::BackendHttp::Http2)
+    );
     let ok = Config::from_yaml(&format!(
         "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app }} }}\n{pools}"
     ))

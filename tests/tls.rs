@@ -636,6 +636,125 @@ async fn a_tls_connect_error_counts_as_kind_tls_and_tries_the_next_backend() {
     assert!(tls_errors >= 1.0, "{tls_errors}");
 }
 
+/// HTTP mode to HTTPS backends: pingora's connector handshakes with the
+/// pool's CA, server name and client certificate; `http_version` picks
+/// HTTP/1.1, HTTP/2 (over TLS, or h2c by prior knowledge) or what ALPN
+/// says; backend connections are reused; an untrusted backend is a 502 and
+/// a connect error of kind tls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_mode_reaches_https_and_h2c_backends_over_http1_and_http2() {
+    let pki = Pki::new("backend CA");
+    let server = pki.leaf("backend", &["backend.example.com"]);
+    let clients = Pki::new("client CA");
+    let client = clients.leaf("sluice", &["sluice.example.com"]);
+    let mtls = format!(
+        "ssl_client_certificate {};\n  ssl_verify_client on;",
+        clients.ca()
+    );
+    let said = "$server_protocol $ssl_client_verify";
+    let both = Nginx::serve(
+        Some((&server.cert, &server.key)),
+        "ssl http2",
+        said,
+        &mtls,
+        0,
+    )
+    .await;
+    let h1_only = Nginx::serve(Some((&server.cert, &server.key)), "ssl", said, &mtls, 0).await;
+    let h2c = Nginx::serve(None, "http2", "$server_protocol cleartext", "", 0).await;
+    let stranger = Pki::new("stranger CA");
+    let port = reserve_port();
+    let tls = format!(
+        "{{ ca: '{}', sni: backend.example.com, cert: '{}', key: '{}' }}",
+        pki.ca(),
+        client.cert(),
+        client.key()
+    );
+    let yaml = format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n  web:\n    bind: 127.0.0.1:{port}\n    protocol: http\n    pool: h1\n    http:\n      routes:\n\
+         \x20       - {{ path: /h2/, pool: h2 }}\n\
+         \x20       - {{ path: /auto/, pool: auto }}\n\
+         \x20       - {{ path: /auto-h1/, pool: auto_h1 }}\n\
+         \x20       - {{ path: /h2c/, pool: h2c }}\n\
+         \x20       - {{ path: /untrusted/, pool: untrusted }}\n\
+         pools:\n\
+         \x20 h1: {{ tls: {tls}, health_check: {CHECK}, backends: ['{a}'] }}\n\
+         \x20 h2: {{ tls: {tls}, http_version: 2, health_check: {CHECK}, backends: ['{a}'] }}\n\
+         \x20 auto: {{ tls: {tls}, http_version: auto, health_check: {CHECK}, backends: ['{a}'] }}\n\
+         \x20 auto_h1: {{ tls: {tls}, http_version: auto, health_check: {CHECK}, backends: ['{b}'] }}\n\
+         \x20 h2c: {{ http_version: '2', health_check: {CHECK}, backends: ['{c}'] }}\n\
+         \x20 untrusted:\n    tls: {{ ca: '{other}', sni: backend.example.com }}\n    \
+         health_check: {{ kind: tcp, interval: 1h, timeout: 1s }}\n    backends: ['{a}']\n",
+        a = both.addr,
+        b = h1_only.addr,
+        c = h2c.addr,
+        other = stranger.ca(),
+    );
+    let sluice = Sluice::start(&yaml).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The client certificate reached NGINX (SUCCESS) in each version.
+    for (path, want) in [
+        ("/x", "HTTP/1.1 SUCCESS"),
+        ("/h2/x", "HTTP/2.0 SUCCESS"),
+        ("/auto/x", "HTTP/2.0 SUCCESS"),
+        ("/auto-h1/x", "HTTP/1.1 SUCCESS"),
+        ("/h2c/x", "HTTP/2.0 cleartext"),
+    ] {
+        for _ in 0..3 {
+            let (status, body) = http_get(addr, path).await.unwrap();
+            assert_eq!(
+                (status, body.trim_end()),
+                (200, want),
+                "{path}; nginx log:\n{}",
+                both.log()
+            );
+        }
+    }
+    let m = sluice.metrics().await;
+    for (pool, backend) in [
+        ("h1", both.addr),
+        ("h2", both.addr),
+        ("auto", both.addr),
+        ("auto_h1", h1_only.addr),
+        ("h2c", h2c.addr),
+    ] {
+        // Three requests, one after another: one connection, kept alive.
+        assert_eq!(
+            m.value(
+                "sluice_backend_connections_total",
+                &[("pool", pool), ("backend", &backend.to_string())]
+            ),
+            1.0,
+            "{pool}"
+        );
+    }
+    assert_eq!(
+        m.value(
+            "sluice_http_upstream_requests_total",
+            &[("listener", "web"), ("connection", "reused")]
+        ),
+        10.0
+    );
+    // An untrusted backend: a 502, counted as a TLS connect error.
+    let (status, _) = http_get(addr, "/untrusted/x").await.unwrap();
+    assert_eq!(status, 502);
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value(
+            "sluice_backend_connect_errors_total",
+            &[
+                ("pool", "untrusted"),
+                ("backend", &both.addr.to_string()),
+                ("kind", "tls")
+            ]
+        ),
+        1.0
+    );
+    let log = sluice.log();
+    assert!(!log.contains("PRIVATE KEY"), "{log}");
+}
+
 fn reload_config(port: u16, leaf: &Leaf, echo: SocketAddr) -> String {
     terminating(
         port,

@@ -5,9 +5,9 @@
 //! headers go to the backends and whom to believe for incoming ones, how
 //! requests are routed by host and path, whether a plain listener sends
 //! every client to https, the HSTS header of a TLS listener and the
-//! timeouts against slow clients and backends. Checks that need other
-//! listeners or pools (route pools exist, HTTP pools speak plain HTTP) are
-//! in [`check`].
+//! timeouts against slow clients and backends; a pool's `http_version`
+//! towards its backends. Checks that need other listeners or pools (route
+//! pools exist, what of a pool's TLS HTTP mode can honour) are in [`check`].
 
 use std::time::Duration;
 
@@ -52,6 +52,65 @@ impl Protocol {
             Protocol::Http => "http",
         }
     }
+}
+
+/// A pool's `http_version`: what HTTP listeners speak to its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendHttp {
+    /// HTTP/1.1 (the default).
+    Http1,
+    /// HTTP/2: over TLS with ALPN `h2`; without TLS by prior knowledge (h2c).
+    Http2,
+    /// Over TLS, what the backend picks by ALPN (`h2`, else HTTP/1.1).
+    Auto,
+}
+
+impl BackendHttp {
+    /// The name used in the YAML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendHttp::Http1 => "1.1",
+            BackendHttp::Http2 => "2",
+            BackendHttp::Auto => "auto",
+        }
+    }
+}
+
+/// Decode a pool's `http_version` (`f` is the pool's mapping): `"1.1"`,
+/// `"2"` or `auto` (YAML numbers 1.1 and 2 too); `auto` needs the pool's
+/// `tls`, since only ALPN can tell.
+pub(super) fn decode_backend_http(
+    d: &mut Decoder,
+    v: &Value,
+    path: &str,
+    f: &Fields<'_>,
+) -> Option<BackendHttp> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        v => d.string(v, path)?.to_string(),
+    };
+    let version = match text.as_str() {
+        "1.1" => BackendHttp::Http1,
+        "2" | "2.0" => BackendHttp::Http2,
+        "auto" => BackendHttp::Auto,
+        other => {
+            d.problem(
+                path,
+                format!("`{other}` is not one of: \"1.1\", \"2\", auto"),
+            );
+            return None;
+        }
+    };
+    let tls = f.get("tls").is_some_and(|t| t != &Value::Bool(false));
+    if version == BackendHttp::Auto && !tls {
+        d.problem(
+            path,
+            "auto lets the backend choose by TLS ALPN: it needs the pool's tls \
+             (without TLS, say \"2\" for HTTP/2 by prior knowledge, h2c)",
+        );
+        return None;
+    }
+    Some(version)
 }
 
 /// A forwarded header sluice can write.
@@ -434,8 +493,9 @@ fn decode_routes(d: &mut Decoder, v: &Value, path: &str) -> Vec<HttpRoute> {
 }
 
 /// Checks across listeners and pools for HTTP listeners: route pools exist;
-/// the pools an HTTP listener uses reach their backends over plain HTTP/1.1
-/// (no pool `tls` or `proxy_protocol`); no TLS passthrough or SNI routes.
+/// the pools an HTTP listener uses send no PROXY header and leave TLS ALPN
+/// and versions to HTTP mode; `http_version` only on pools HTTP listeners
+/// use; no TLS passthrough or SNI routes.
 pub(super) fn check(
     d: &mut Decoder,
     listeners: &[ListenerSettings],
@@ -476,15 +536,29 @@ pub(super) fn check(
             let Some(p) = pools.iter().find(|p| p.name == name) else {
                 continue;
             };
-            if p.tls.is_some() {
-                d.problem(
-                    format!("pools.{name}.tls"),
-                    format!(
-                        "listener {} (protocol http) reaches its backends over plain HTTP/1.1; \
-                         TLS to backends is not available in http mode yet",
-                        l.name
-                    ),
-                );
+            if let Some(tls) = &p.tls {
+                // pingora's connector speaks TLS to the backends in HTTP
+                // mode: it offers TLS 1.2 and 1.3 and sets ALPN itself.
+                if !tls.alpn.is_empty() {
+                    d.problem(
+                        format!("pools.{name}.tls.alpn"),
+                        format!(
+                            "listener {} (protocol http) offers the backends what the pool's \
+                             http_version says; tls.alpn applies to protocol tcp only",
+                            l.name
+                        ),
+                    );
+                }
+                if tls.min_version == super::tls::TlsVersion::Tls13 {
+                    d.problem(
+                        format!("pools.{name}.tls.min_version"),
+                        format!(
+                            "listener {} (protocol http) reaches the backends with TLS 1.2 or \
+                             1.3; min_version 1.3 is not available in http mode yet",
+                            l.name
+                        ),
+                    );
+                }
             }
             if p.proxy_protocol.is_some() {
                 d.problem(
@@ -496,6 +570,18 @@ pub(super) fn check(
                     ),
                 );
             }
+        }
+    }
+    for p in pools {
+        let used = listeners
+            .iter()
+            .filter_map(|l| l.http.as_ref())
+            .any(|h| h.pools().any(|n| n == p.name));
+        if p.http_version.is_some() && !used {
+            d.problem(
+                format!("pools.{}.http_version", p.name),
+                "only applies to pools that listeners with protocol: http use",
+            );
         }
     }
 }

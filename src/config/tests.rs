@@ -512,7 +512,7 @@ fn a_leading_byte_order_mark_is_accepted() {
     assert_eq!(
         got,
         [
-            "pools.app.colour: unknown key `colour` (expected one of: algorithm, mode, failback, connect_timeout, connect_attempts, on_backend_down, on_failback, health_check, role, fallback_to_primary, primary_hold, proxy_protocol, backends, tls) (line 7, column 5)"
+            "pools.app.colour: unknown key `colour` (expected one of: algorithm, mode, failback, connect_timeout, connect_attempts, on_backend_down, on_failback, health_check, role, fallback_to_primary, primary_hold, proxy_protocol, backends, tls, http_version) (line 7, column 5)"
         ]
     );
 }

@@ -150,6 +150,8 @@ pub struct BackendTls {
     pub min_version: TlsVersion,
     /// What rustls connects with.
     pub config: Arc<ClientConfig>,
+    /// The same for pingora's connector (HTTP mode).
+    pub http: Arc<crate::tls::upstream::HttpTls>,
     material: Vec<Vec<u8>>,
 }
 
@@ -666,6 +668,7 @@ pub(super) fn decode_pool(d: &mut Decoder, f: &Fields<'_>) -> Option<BackendTls>
         .iter()
         .flat_map(|c| c.key.cert.iter().map(|der| der.to_vec()))
         .collect();
+    let mut ca_certificates = Vec::new();
     let roots: Option<RootCertStore> = if !verify {
         None
     } else if let Some(file) = &ca {
@@ -673,12 +676,8 @@ pub(super) fn decode_pool(d: &mut Decoder, f: &Fields<'_>) -> Option<BackendTls>
         let pem = read(d, file, &p)?;
         match load::roots(file, &pem) {
             Ok(r) => {
-                material.extend(
-                    load::certificates(file, &pem)
-                        .ok()?
-                        .iter()
-                        .map(|c| c.to_vec()),
-                );
+                ca_certificates = load::certificates(file, &pem).ok()?;
+                material.extend(ca_certificates.iter().map(|c| c.to_vec()));
                 Some(r)
             }
             Err(e) => {
@@ -711,6 +710,13 @@ pub(super) fn decode_pool(d: &mut Decoder, f: &Fields<'_>) -> Option<BackendTls>
             return None;
         }
     };
+    let http = match crate::tls::upstream::HttpTls::new(&ca_certificates, certificate.as_ref()) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            d.problem(&path, e);
+            return None;
+        }
+    };
     Some(BackendTls {
         ca,
         sni,
@@ -719,6 +725,7 @@ pub(super) fn decode_pool(d: &mut Decoder, f: &Fields<'_>) -> Option<BackendTls>
         alpn,
         min_version,
         config,
+        http,
         material,
     })
 }

@@ -71,6 +71,9 @@ pub struct Certified {
     pub key_file: String,
     /// What rustls serves.
     pub key: Arc<CertifiedKey>,
+    /// The private key as read (DER), for pingora's connector in HTTP mode
+    /// (a pool's client certificate). Never printed.
+    pub key_der: Arc<PrivateKeyDer<'static>>,
     /// The DNS names of the leaf (subjectAltName, else its common name).
     pub names: Vec<String>,
     /// The leaf's `notAfter`, as a Unix time.
@@ -141,6 +144,7 @@ pub fn certified(
             reason: format!("not a valid PEM private key: {e}"),
         },
     })?;
+    let key_der = Arc::new(der.clone_key());
     let signing = super::provider()
         .key_provider
         .load_private_key(der)
@@ -157,6 +161,7 @@ pub fn certified(
         cert_file: cert_file.to_string(),
         key_file: key_file.to_string(),
         key: Arc::new(key),
+        key_der,
         names,
         not_after,
     })

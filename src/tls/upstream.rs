@@ -1,5 +1,6 @@
 //! TLS to a backend: the handshake after the TCP connect, and the
-//! connection it gives.
+//! connection it gives (TCP mode); what pingora's connector needs for the
+//! same pool in HTTP mode ([`HttpTls`]).
 
 use std::io;
 use std::sync::Arc;
@@ -10,9 +11,14 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
+use rustls::pki_types::CertificateDer;
+
 use crate::config::{HostPort, PoolSettings};
 use crate::relay::Socket;
 use crate::relay::stream::{Io, TcpIo};
+use crate::tls::load::Certified;
 
 /// Most encrypted bytes rustls queues for a slow peer (its default is
 /// 64 KiB); the relay holds back the rest.
@@ -118,4 +124,90 @@ pub fn describe(e: io::Error) -> io::Error {
         None => format!("TLS handshake failed: {e}"),
     };
     io::Error::new(e.kind(), text)
+}
+
+/// A pool's TLS as pingora's connector takes it (HTTP mode): the CA
+/// certificates of the pool's `ca` file and its client certificate, parsed
+/// once when the configuration is read. pingora builds the rustls client
+/// from these for each new backend connection.
+pub struct HttpTls {
+    /// A digest of the certificates: backend connections made under other
+    /// ones (before a reload that changed the files) are not reused.
+    pub id: u64,
+    /// The trust anchors; `None`: the system's (or no verification).
+    pub ca: Option<Arc<CaType>>,
+    /// The certificate and key presented to backends (mTLS).
+    pub cert_key: Option<Arc<CertKey>>,
+}
+
+impl HttpTls {
+    /// From the CA certificates `ca` (empty: the system's) and the client
+    /// certificate, both already taken by rustls as they were loaded. The
+    /// error names a certificate pingora's X.509 parser cannot read
+    /// (pingora would panic on it).
+    pub fn new(
+        ca: &[CertificateDer<'static>],
+        certificate: Option<&Certified>,
+    ) -> Result<HttpTls, String> {
+        let parsed = |what: &str, der: &[u8]| -> Result<WrappedX509, String> {
+            x509_parser::parse_x509_certificate(der)
+                .map_err(|e| format!("{what} is not an X.509 certificate pingora can read: {e}"))?;
+            Ok(WrappedX509::new(der.to_vec(), parse_x509))
+        };
+        let id = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            ca.hash(&mut h);
+            // The key matches the leaf, so the chain stands for both.
+            certificate.map(|c| &c.key.cert).hash(&mut h);
+            h.finish()
+        };
+        let ca = if ca.is_empty() {
+            None
+        } else {
+            let certs = ca
+                .iter()
+                .map(|c| parsed("a CA certificate", c))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(Arc::<CaType>::from(certs.into_boxed_slice()))
+        };
+        let cert_key = match certificate {
+            None => None,
+            Some(c) => {
+                for der in c.key.cert.iter() {
+                    parsed(&format!("a certificate of {}", c.cert_file), der)?;
+                }
+                // pingora reads the key's format from its DER and signs with
+                // ring: a key either cannot take would fail (or panic) there.
+                let der = c.key_der.secret_der();
+                let key = rustls::pki_types::PrivateKeyDer::try_from(der.to_vec())
+                    .map_err(|e| format!("the key of {}: {e}", c.cert_file))?;
+                rustls::crypto::ring::default_provider()
+                    .key_provider
+                    .load_private_key(key)
+                    .map_err(|e| {
+                        format!(
+                            "the key of {} cannot sign for HTTP mode's TLS (ring): {e}",
+                            c.cert_file
+                        )
+                    })?;
+                let chain = c.key.cert.iter().map(|der| der.to_vec()).collect();
+                Some(Arc::new(CertKey::new(
+                    chain,
+                    c.key_der.secret_der().to_vec(),
+                )))
+            }
+        };
+        Ok(HttpTls { id, ca, cert_key })
+    }
+}
+
+impl std::fmt::Debug for HttpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out: only whether there is one.
+        f.debug_struct("HttpTls")
+            .field("ca_certificates", &self.ca.as_ref().map_or(0, |c| c.len()))
+            .field("client_certificate", &self.cert_key.is_some())
+            .finish()
+    }
 }

@@ -22,9 +22,21 @@ pub struct Nginx {
 
 impl Nginx {
     /// NGINX serving HTTPS on a free port with `cert`/`key`; `extra` goes
-    /// into the server block. `location /` answers `body`; `/big.bin` is a
-    /// file of `big` bytes.
+    /// into the server block. `location /` answers `body` (NGINX variables
+    /// in it are filled in); `/big.bin` is a file of `big` bytes.
     pub async fn start(cert: &Path, key: &Path, body: &str, extra: &str, big: usize) -> Nginx {
+        Nginx::serve(Some((cert, key)), "ssl", body, extra, big).await
+    }
+
+    /// The same with `listen … {flags}` (`ssl http2`; `http2` alone is
+    /// HTTP/2 by prior knowledge, h2c), over TLS only with `tls`.
+    pub async fn serve(
+        tls: Option<(&Path, &Path)>,
+        flags: &str,
+        body: &str,
+        extra: &str,
+        big: usize,
+    ) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         std::fs::write(
@@ -33,16 +45,21 @@ impl Nginx {
         )
         .unwrap();
         let port = reserve_port();
+        let certificate = tls.map_or(String::new(), |(cert, key)| {
+            format!(
+                "  ssl_certificate {};\n  ssl_certificate_key {};\n",
+                cert.display(),
+                key.display()
+            )
+        });
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log info;\nevents {{ worker_connections 256; }}\n\
              http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
              default_type text/plain;\n\
-             server {{\n  listen 127.0.0.1:{port} ssl;\n  ssl_certificate {};\n  ssl_certificate_key {};\n\
+             server {{\n  listen 127.0.0.1:{port} {flags};\n{certificate}\
              {extra}\n  location = /big.bin {{ root {d}; }}\n  location / {{ return 200 \"{body}\\n\"; }}\n }}\n}}\n",
-            cert.display(),
-            key.display()
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();

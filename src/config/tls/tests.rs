@@ -85,6 +85,59 @@ fn no_key_material_in_debug() {
         shown.contains("www.key"),
         "the key's file name is shown: {shown}"
     );
+    // What HTTP mode hands pingora, and pingora's peer holding it, show no
+    // key either (its DER would print as a list of bytes).
+    let http = &c.pools[0].tls.as_ref().unwrap().http;
+    let der = {
+        let pem = std::fs::read_to_string(&ckey).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .secret_der()
+            .to_vec()
+    };
+    let bytes = |b: &[u8]| {
+        b.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut peer = pingora::upstreams::peer::HttpPeer::new("127.0.0.1:1", true, "x".into());
+    peer.client_cert_key = http.cert_key.clone();
+    // The key shares its algorithm and public part with the certificate,
+    // which may show: any run of its bytes the certificate lacks may not.
+    let cert_der = bytes(
+        &c.pools[0]
+            .tls
+            .as_ref()
+            .unwrap()
+            .certificate
+            .as_ref()
+            .unwrap()
+            .key
+            .cert[0],
+    );
+    for shown in [format!("{http:?}"), format!("{peer:?}")] {
+        for run in der.windows(12) {
+            let run = bytes(run);
+            assert!(
+                cert_der.contains(&run) || !shown.contains(&run),
+                "key in Debug: {shown}"
+            );
+        }
+    }
+    assert_eq!(
+        format!("{http:?}"),
+        "HttpTls { ca_certificates: 1, client_certificate: true }"
+    );
+    assert!(format!("{peer:?}").contains("client_cert_key: Some"));
+    // The same files: the same digest, so kept-alive backend connections
+    // survive a reload; a renewed client certificate: another.
+    let again = Config::from_yaml(&yaml).unwrap();
+    assert_eq!(again.pools[0].tls.as_ref().unwrap().http.id, http.id);
+    files(dir.path(), "client", "client.example.com");
+    let renewed = Config::from_yaml(&yaml).unwrap();
+    assert_ne!(renewed.pools[0].tls.as_ref().unwrap().http.id, http.id);
 }
 
 #[test]
