@@ -28,6 +28,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+/// MiB moved by the large upload and download tests: 512, or
+/// `SLUICE_LARGE_MIB` (for a 1 GiB run by hand:
+/// `SLUICE_LARGE_MIB=1024 cargo test --release --test http_mode large -- --nocapture`).
+fn large_mib() -> usize {
+    std::env::var("SLUICE_LARGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
+}
+
 #[tokio::test]
 async fn a_large_download_to_a_slow_client_streams_without_growing_memory() {
     let a = App::start("a", Duration::ZERO).await;
@@ -35,9 +45,9 @@ async fn a_large_download_to_a_slow_client_streams_without_growing_memory() {
     let s = Sluice::start(&config(port, "", "", &plain(&[&a]))).await;
     let _ = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
     let before = s.rss_kib();
-    const SIZE: usize = 512 << 20;
+    let size = large_mib() << 20;
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+    c.write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
         .await
         .unwrap();
     // Read the header, then stall: the backend keeps writing, and sluice
@@ -57,7 +67,7 @@ async fn a_large_download_to_a_slow_client_streams_without_growing_memory() {
     assert!(
         header
             .to_ascii_lowercase()
-            .contains(&format!("content-length: {SIZE}")),
+            .contains(&format!("content-length: {size}")),
         "{header}"
     );
     let mut got = head.len() - body_start;
@@ -70,23 +80,23 @@ async fn a_large_download_to_a_slow_client_streams_without_growing_memory() {
     }
     let stalled = peak.saturating_sub(before);
     let mut reads = 0u64;
-    while got < SIZE {
+    while got < size {
         let n = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
             .await
             .expect("the download stalls")
             .unwrap();
-        assert!(n > 0, "closed after {got} of {SIZE} bytes");
+        assert!(n > 0, "closed after {got} of {size} bytes");
         got += n;
         reads += 1;
         if reads % 256 == 0 {
             peak = peak.max(s.rss_kib());
         }
     }
-    assert_eq!(got, SIZE, "every byte arrived, no more");
+    assert_eq!(got, size, "every byte arrived, no more");
     let grew = peak.saturating_sub(before);
     println!(
         "RSS before {before} KiB, +{stalled} KiB while the client stalled, peak {peak} KiB during a {} MiB download",
-        SIZE >> 20
+        size >> 20
     );
     assert!(
         stalled < 16 * 1024,
@@ -95,7 +105,7 @@ async fn a_large_download_to_a_slow_client_streams_without_growing_memory() {
     assert!(
         grew < 64 * 1024,
         "RSS grew by {grew} KiB for a {} MiB download",
-        SIZE >> 20
+        size >> 20
     );
 }
 
@@ -1155,10 +1165,10 @@ async fn a_large_upload_streams_without_growing_memory() {
     // Warm up, then measure from here.
     let _ = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
     let before = s.rss_kib();
-    const SIZE: u64 = 512 << 20;
+    let size = (large_mib() as u64) << 20;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("upload.bin");
-    std::fs::File::create(&file).unwrap().set_len(SIZE).unwrap();
+    std::fs::File::create(&file).unwrap().set_len(size).unwrap();
     let upload = tokio::spawn({
         let file = file.display().to_string();
         let url = format!("http://127.0.0.1:{port}/upload");
@@ -1172,16 +1182,16 @@ async fn a_large_upload_streams_without_growing_memory() {
     let out = upload.await.unwrap();
     let (body, code) = out.rsplit_once('\n').unwrap();
     assert_eq!(code, "200", "{out}");
-    assert_eq!(json(body)["len"], SIZE, "the backend got every byte");
+    assert_eq!(json(body)["len"], size, "the backend got every byte");
     let grew = peak.saturating_sub(before);
     println!(
         "RSS before {before} KiB, peak {peak} KiB during a {} MiB upload",
-        SIZE >> 20
+        size >> 20
     );
     assert!(
         grew < 64 * 1024,
         "RSS grew by {grew} KiB for a {} MiB upload",
-        SIZE >> 20
+        size >> 20
     );
 }
 
