@@ -3,9 +3,11 @@
 //! Each pool runs rounds every `interval`. A round checks all current
 //! members in parallel; each check (name resolution included) is bounded by
 //! `timeout`, and its result goes to the pool as soon as it arrives (the pool
-//! applies rise/fall, see [`crate::pool::core`]). `tcp` checks use
-//! pingora's `TcpHealthCheck`; the other kinds speak their protocol
-//! ([`crate::check`]) and may report the backend's role. Names are resolved on
+//! applies rise/fall, see [`crate::pool::core`]). `tcp` checks connect as
+//! the data path does; the other kinds speak their protocol
+//! ([`crate::check`]) and may report the backend's role. (pingora's
+//! `TcpHealthCheck` built a TLS connector, the system's CA certificates
+//! read, for every round once pingora had its `rustls` feature.) Names are resolved on
 //! every round, so a backend whose name does not resolve yet is simply down.
 //! A check that fails for lack of local resources (out of file descriptors)
 //! says nothing about the backend and is not counted.
@@ -29,8 +31,6 @@ use log::info;
 use pingora::server::ShutdownWatch;
 use pingora::services::ServiceReadyNotifier;
 use pingora::services::background::BackgroundService;
-use pingora_load_balancing::Backend as LbBackend;
-use pingora_load_balancing::health_check::{HealthCheck, TcpHealthCheck};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
@@ -206,9 +206,6 @@ impl HealthChecks {
                 interval = hc.interval;
                 ticker = ticker_after(interval);
             }
-            let mut probe = TcpHealthCheck::new();
-            probe.peer_template.options.connection_timeout = Some(hc.timeout);
-            let probe: &TcpHealthCheck = &probe;
             let mut checks: FuturesUnordered<_> = generation
                 .members
                 .iter()
@@ -217,7 +214,7 @@ impl HealthChecks {
                     let tls = generation.settings.tls.as_ref();
                     let proxy = generation.settings.proxy_protocol;
                     async move {
-                        let result = check(&m.backend, kind, tls, probe, hc.timeout, proxy).await;
+                        let result = check(&m.backend, kind, tls, hc.timeout, proxy).await;
                         (&m.backend, result)
                     }
                 })
@@ -299,7 +296,6 @@ async fn check(
     b: &Backend,
     kind: &CheckKind,
     tls: Option<&BackendTls>,
-    tcp: &(dyn HealthCheck + Send + Sync),
     timeout: Duration,
     proxy: Option<ProxyVersion>,
 ) -> Result<(SocketAddr, Option<Role>), CheckError> {
@@ -307,7 +303,7 @@ async fn check(
         let addr = resolve(b).await?;
         // Backends that expect a PROXY header get one on checks too: v2
         // LOCAL or v1 UNKNOWN, so they neither log a broken header nor count
-        // the check as a client (pingora's TCP check cannot send it).
+        // the check as a client.
         if *kind != CheckKind::Tcp || proxy.is_some() {
             // A TLS pool's protocol checks run inside TLS, as its clients' traffic does.
             let dial = match tls {
@@ -333,15 +329,22 @@ async fn check(
                 Err(e) => Err(CheckError::Probe(format!("{} check: {e}", kind.name()))),
             };
         }
-        let target = LbBackend {
-            addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
-            weight: 1,
-            ext: Default::default(),
-        };
-        tcp.check(&target)
-            .await
-            .map_err(|e| classify(&e, timeout))?;
-        Ok((addr, None))
+        // A plain TCP connect, said as briefly as the log line wants.
+        let budget = check::Budget::new(check::READ_BUDGET);
+        match check::probe_over(kind, addr, b.address.host(), None, &budget).await {
+            Ok(_) => Ok((addr, None)),
+            Err(check::ProbeError::Local(e)) => Err(CheckError::Local(e.to_string())),
+            Err(check::ProbeError::Connect(e)) => Err(CheckError::Probe(match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "tcp check: connection refused".to_string()
+                }
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                    "tcp check: no route to host".to_string()
+                }
+                _ => format!("tcp check: {e}"),
+            })),
+            Err(e) => Err(CheckError::Probe(format!("tcp check: {e}"))),
+        }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -349,28 +352,6 @@ async fn check(
             kind: kind.name(),
             limit: timeout,
         }),
-    }
-}
-
-/// A check error from a pingora connect error.
-fn classify(e: &pingora::Error, timeout: Duration) -> CheckError {
-    use pingora::ErrorType::*;
-    let local = e
-        .root_cause()
-        .downcast_ref::<std::io::Error>()
-        .is_some_and(crate::sys::is_local_exhaustion);
-    if local {
-        return CheckError::Local(e.to_string());
-    }
-    match e.etype() {
-        // The probe's own connect timeout equals ours; report both alike.
-        ConnectTimedout => CheckError::Timeout {
-            kind: "tcp",
-            limit: timeout,
-        },
-        ConnectRefused => CheckError::Probe("tcp check: connection refused".to_string()),
-        ConnectNoRoute => CheckError::Probe("tcp check: no route to host".to_string()),
-        _ => CheckError::Probe(format!("tcp check: {e}")),
     }
 }
 

@@ -975,6 +975,58 @@ async fn reload_adds_an_http_listener_next_to_a_tcp_one() {
     );
 }
 
+/// pingora's TLS connector panics when the system's CA certificates cannot
+/// be loaded (here SSL_CERT_FILE adds one that is no certificate): sluice
+/// builds one for an HTTP listener only after checking that they load, and
+/// its health checks build none. The listener serves, the checks run, a
+/// warning says why.
+#[tokio::test]
+async fn unloadable_system_certificates_neither_stop_http_listeners_nor_checks() {
+    let a = App::start("a", Duration::ZERO).await;
+    let port = reserve_port();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("ca.pem");
+    // PEM around a DER SEQUENCE that is no certificate.
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let s = Sluice::spawn_with_env(
+        &config(port, "", "", &plain(&[&a])),
+        &[("SSL_CERT_FILE", bad.to_str().unwrap())],
+    );
+    s.wait_ready().await;
+    let (code, body) = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["name"], "a");
+    // More check rounds (200ms apart): the backend stays up, nothing panics.
+    let backend = a.addr.to_string();
+    let checks = [
+        ("pool", "app"),
+        ("backend", backend.as_str()),
+        ("result", "success"),
+    ];
+    let before = s
+        .metrics()
+        .await
+        .value("sluice_backend_health_checks_total", &checks);
+    wait_until("three more health check rounds", || async {
+        s.metrics()
+            .await
+            .value("sluice_backend_health_checks_total", &checks)
+            >= before + 3.0
+    })
+    .await;
+    assert_eq!(s.backend_state("app", a.addr).await, "up");
+    let log = s.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        log.contains("the system's CA certificates cannot be loaded"),
+        "{log}"
+    );
+}
+
 #[test]
 fn bad_protocol_and_misplaced_http_keys_are_named() {
     use sluice::config::{Config, ConfigError};
