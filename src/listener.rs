@@ -343,7 +343,8 @@ struct Connected {
 /// holds them for the write that follows (`MSG_MORE`), so that header and
 /// the client's first bytes leave in one segment: on loopback a segment of
 /// its own cost ~11 µs of CPU per connection (measured with churn). Only
-/// when more is sure to follow at once: the client's bytes already wait.
+/// when more is sure to follow at once: a TLS pool's ClientHello, or the
+/// client's bytes that already wait.
 async fn write_all(socket: &Socket, mut bytes: &[u8], more: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let flags = if more {
@@ -1038,11 +1039,13 @@ impl ListenerApp {
             // before any client byte and before a TLS handshake.
             let connected = match (connected, preamble) {
                 (Ok(socket), Some(bytes)) => {
-                    // The client's first bytes already wait (client-speaks-
+                    // A TLS pool's ClientHello follows at once; else the
+                    // client's first bytes may already wait (client-speaks-
                     // first protocols, checked now that the connect took its
                     // round trip): the header leaves with them.
-                    let more = plain_client
-                        .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+                    let more = tls.is_some()
+                        || plain_client
+                            .is_some_and(|c| c.get_ref().peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
                     match write_all(&socket, bytes, more).await {
                         Ok(()) => Ok(socket),
                         Err(e) => Err((ConnectErrorKind::Other, e)),

@@ -755,6 +755,99 @@ async fn http_mode_reaches_https_and_h2c_backends_over_http1_and_http2() {
     assert!(!log.contains("PRIVATE KEY"), "{log}");
 }
 
+/// A pool with both `proxy_protocol` and `tls`: the PROXY header goes
+/// first on the TCP connection, the handshake after it, and NGINX
+/// (`listen … ssl proxy_protocol`) learns the real client's address; the
+/// header and the ClientHello leave in one segment (`MSG_MORE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_pool_sends_the_proxy_header_before_the_handshake_in_one_segment() {
+    let pki = Pki::new("backend CA");
+    let server = pki.leaf("backend", &["backend.example.com"]);
+    let nginx = Nginx::serve(
+        Some((&server.cert, &server.key)),
+        "ssl proxy_protocol",
+        "$proxy_protocol_addr",
+        "",
+        0,
+    )
+    .await;
+    // A backend that records what arrives and how: the first bytes, and in
+    // how many data segments (TCP_INFO) once the whole ClientHello is in.
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    let segments = tokio::spawn(async move {
+        // PROXY v2: 16 bytes + the address block; then a TLS record header
+        // (5 bytes) and its body.
+        let whole = |b: &[u8]| {
+            if b.len() < 16 {
+                return false;
+            }
+            let h = 16 + u16::from_be_bytes([b[14], b[15]]) as usize;
+            b.len() >= h + 5 && b.len() >= h + 5 + u16::from_be_bytes([b[h + 3], b[h + 4]]) as usize
+        };
+        // Health checks (a LOCAL header, then closed) come and go first.
+        let (s, got) = loop {
+            let (mut s, _) = raw.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !whole(&got) {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            if whole(&got) {
+                break (s, got);
+            }
+        };
+        use std::os::fd::AsFd;
+        let (info, _) = sluice::relay::bpf::tcp_info(s.as_fd()).unwrap();
+        (got, info.tcpi_data_segs_in)
+    });
+    let (p_nginx, p_raw) = (reserve_port(), reserve_port());
+    let yaml = format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n  a: {{ bind: 127.0.0.1:{p_nginx}, pool: nginx }}\n  b: {{ bind: 127.0.0.1:{p_raw}, pool: raw }}\n\
+         pools:\n  \
+         nginx: {{ proxy_protocol: v2, tls: {{ ca: '{ca}', sni: backend.example.com }}, health_check: {CHECK}, backends: ['{n}'] }}\n  \
+         raw:\n    proxy_protocol: v2\n    tls: {{ ca: '{ca}', sni: backend.example.com }}\n    \
+         health_check: {{ kind: tcp, interval: 1h, timeout: 1s }}\n    backends: ['{raw_addr}']\n",
+        ca = pki.ca(),
+        n = nginx.addr,
+    );
+    let sluice = Sluice::start(&yaml).await;
+    // From another loopback address than sluice's own.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+    let mut c = socket
+        .connect(format!("127.0.0.1:{p_nginx}").parse().unwrap())
+        .await
+        .unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\nHost: backend.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n127.0.0.7\n"),
+        "{answer}; nginx log:\n{}",
+        nginx.log()
+    );
+    // The client says nothing first here: the header cannot wait for its
+    // bytes, yet it leaves with the ClientHello.
+    let _idle = TcpStream::connect(format!("127.0.0.1:{p_raw}"))
+        .await
+        .unwrap();
+    let (got, segments) = tokio::time::timeout(Duration::from_secs(20), segments)
+        .await
+        .expect("the raw backend got header and ClientHello")
+        .unwrap();
+    assert!(got.starts_with(b"\r\n\r\n\0\r\nQUIT\n"), "{got:?}");
+    assert_eq!(segments, 1, "header and ClientHello in one segment");
+    drop(sluice);
+}
+
 fn reload_config(port: u16, leaf: &Leaf, echo: SocketAddr) -> String {
     terminating(
         port,

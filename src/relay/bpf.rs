@@ -288,9 +288,16 @@ pub fn tcp_sent_baseline(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(tcp_acked(fd)? + queued)
 }
 
-fn tcp_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+/// The kernel's `TCP_INFO` of a TCP socket, and how many of its bytes the
+/// kernel filled (older kernels fill fewer fields; the rest stay zero).
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<(libc::tcp_info, usize)> {
     let mut info = zeroed_tcp_info();
     let len = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    Ok((info, len as usize))
+}
+
+fn tcp_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let (info, len) = tcp_info(fd)?;
     let need = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
     if len < need {
         return Err(io::Error::new(
