@@ -1036,80 +1036,66 @@ fn bad_protocol_and_misplaced_http_keys_are_named() {
         Err(e) => panic!("{e}"),
     };
     let pools = "pools: { app: { backends: ['127.0.0.1:9'] } }\n";
-    let p = problems(&format!(
-        "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app, protocol: htp }} }}\n{pools}"
-    ));
-    assert!(
-        p[0].starts_with("listeners.web.protocol: `htp` is not one of: tcp, http"),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app, http: {{ redirect_https: true }} }} }}\n{pools}"
-    ));
-    assert!(
-        p[0].starts_with("listeners.web.http: only applies with protocol: http"),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app, protocol: http, http: {{ hsts: true }} }} }}\n{pools}"
-    ));
-    assert!(
-        p[0].starts_with("listeners.web.http.hsts: browsers ignore"),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "listeners: {{ web: {{ bind: 127.0.0.1:80, protocol: http, http: {{ routes: [{{ host: 'a b', pool: nope }}] }} }} }}\n{pools}"
-    ));
-    assert!(
-        p.iter()
-            .any(|l| l.starts_with("listeners.web.http.routes[0].host: `a b` is not a host name")),
-        "{p:?}"
-    );
-    // A pool's http_version: auto needs TLS; only for pools HTTP listeners
-    // use; a TLS pool's own ALPN and TLS 1.3-only are TCP-mode keys.
     let web = "listeners: { web: { bind: 127.0.0.1:80, pool: app, protocol: http } }\n";
-    let p = problems(&format!(
-        "{web}pools: {{ app: {{ http_version: auto, backends: ['127.0.0.1:9'] }} }}\n"
-    ));
-    assert!(
-        p[0].starts_with("pools.app.http_version: auto lets the backend choose by TLS ALPN"),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "{web}pools: {{ app: {{ http_version: 3, backends: ['127.0.0.1:9'] }} }}\n"
-    ));
-    assert!(
-        p[0].starts_with("pools.app.http_version: `3` is not one of"),
-        "{p:?}"
-    );
-    let p = problems(
-        "listeners: { db: { bind: 127.0.0.1:80, pool: app } }\n\
-         pools: { app: { http_version: 2, backends: ['127.0.0.1:9'] } }\n",
-    );
-    assert!(
-        p[0].starts_with(
-            "pools.app.http_version: only applies to pools that listeners with protocol: http use"
+    let app =
+        |keys: &str| format!("{web}pools: {{ app: {{ {keys}, backends: ['127.0.0.1:9'] }} }}\n");
+    // Each file, and a problem it must be refused with (the start of the line).
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(
+                "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app, protocol: htp }} }}\n{pools}"
+            ),
+            "listeners.web.protocol: `htp` is not one of: tcp, http",
         ),
-        "{p:?}"
-    );
-    let p = problems(&format!(
-        "{web}pools: {{ app: {{ tls: {{ insecure_skip_verify: true, alpn: [h2], min_version: '1.3' }}, \
-         backends: ['127.0.0.1:9'] }} }}\n"
-    ));
-    assert!(
-        p.iter()
-            .any(|l| l.starts_with("pools.app.tls.alpn: listener web (protocol http) offers")),
-        "{p:?}"
-    );
-    assert!(
-        p.iter()
-            .any(|l| l.starts_with("pools.app.tls.min_version: listener web (protocol http)")),
-        "{p:?}"
-    );
-    let ok = Config::from_yaml(&format!(
-        "{web}pools: {{ app: {{ http_version: 2, backends: ['127.0.0.1:9'] }} }}\n"
-    ))
-    .unwrap();
+        (
+            format!(
+                "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app, http: {{ redirect_https: true }} }} }}\n{pools}"
+            ),
+            "listeners.web.http: only applies with protocol: http",
+        ),
+        (
+            format!(
+                "listeners: {{ web: {{ bind: 127.0.0.1:80, pool: app, protocol: http, http: {{ hsts: true }} }} }}\n{pools}"
+            ),
+            "listeners.web.http.hsts: browsers ignore",
+        ),
+        (
+            format!(
+                "listeners: {{ web: {{ bind: 127.0.0.1:80, protocol: http, http: {{ routes: [{{ host: 'a b', pool: nope }}] }} }} }}\n{pools}"
+            ),
+            "listeners.web.http.routes[0].host: `a b` is not a host name",
+        ),
+        // A pool's http_version: auto needs TLS; only for pools HTTP
+        // listeners use; a TLS pool's own ALPN and TLS 1.3-only are
+        // TCP-mode keys.
+        (
+            app("http_version: auto"),
+            "pools.app.http_version: auto lets the backend choose by TLS ALPN",
+        ),
+        (
+            app("http_version: 3"),
+            "pools.app.http_version: `3` is not one of",
+        ),
+        (
+            "listeners: { db: { bind: 127.0.0.1:80, pool: app } }\n\
+             pools: { app: { http_version: 2, backends: ['127.0.0.1:9'] } }\n"
+                .to_string(),
+            "pools.app.http_version: only applies to pools that listeners with protocol: http use",
+        ),
+        (
+            app("tls: { insecure_skip_verify: true, alpn: [h2] }"),
+            "pools.app.tls.alpn: listener web (protocol http) offers",
+        ),
+        (
+            app("tls: { insecure_skip_verify: true, min_version: '1.3' }"),
+            "pools.app.tls.min_version: listener web (protocol http)",
+        ),
+    ];
+    for (yaml, want) in &cases {
+        let p = problems(yaml);
+        assert!(p.iter().any(|l| l.starts_with(want)), "{want}: {p:?}");
+    }
+    let ok = Config::from_yaml(&app("http_version: 2")).unwrap();
     assert_eq!(
         ok.pools[0].http_version,
         Some(sluice::config::BackendHttp::Http2)

@@ -504,16 +504,47 @@ async fn garbage_plain_http_split_hellos_and_stalls_are_counted_and_closed() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_to_backends_with_client_certificates_checks_inside_tls_and_untrusted_backends() {
+/// Certificates for TLS to a backend that requires a client certificate.
+struct Mutual {
+    /// The backends' CA.
+    pki: Pki,
+    /// A backend's certificate, for backend.example.com.
+    server: Leaf,
+    /// The client CA (to be kept while NGINX reads its file).
+    clients: Pki,
+    /// sluice's client certificate.
+    client: Leaf,
+    /// NGINX server-block lines that require it.
+    nginx: String,
+}
+
+fn mutual() -> Mutual {
     let pki = Pki::new("backend CA");
     let server = pki.leaf("backend", &["backend.example.com"]);
     let clients = Pki::new("client CA");
     let client = clients.leaf("sluice", &["sluice.example.com"]);
-    let mtls = format!(
+    let nginx = format!(
         "ssl_client_certificate {};\n  ssl_verify_client on;",
         clients.ca()
     );
+    Mutual {
+        pki,
+        server,
+        clients,
+        client,
+        nginx,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_backends_with_client_certificates_checks_inside_tls_and_untrusted_backends() {
+    let Mutual {
+        pki,
+        server,
+        clients: _clients,
+        client,
+        nginx: mtls,
+    } = mutual();
     let nginx = Nginx::start(&server.cert, &server.key, "mutual TLS ok", &mtls, 0).await;
     let (p_ok, p_nocert, p_untrusted) = (reserve_port(), reserve_port(), reserve_port());
     let stranger_ca = Pki::new("stranger CA");
@@ -643,14 +674,13 @@ async fn a_tls_connect_error_counts_as_kind_tls_and_tries_the_next_backend() {
 /// a connect error of kind tls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_mode_reaches_https_and_h2c_backends_over_http1_and_http2() {
-    let pki = Pki::new("backend CA");
-    let server = pki.leaf("backend", &["backend.example.com"]);
-    let clients = Pki::new("client CA");
-    let client = clients.leaf("sluice", &["sluice.example.com"]);
-    let mtls = format!(
-        "ssl_client_certificate {};\n  ssl_verify_client on;",
-        clients.ca()
-    );
+    let Mutual {
+        pki,
+        server,
+        clients: _clients,
+        client,
+        nginx: mtls,
+    } = mutual();
     let said = "$server_protocol $ssl_client_verify";
     let both = Nginx::serve(
         Some((&server.cert, &server.key)),
