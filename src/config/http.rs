@@ -537,6 +537,12 @@ pub(super) fn check(
                 continue;
             };
             if let Some(tls) = &p.tls {
+                if let Some(why) = &tls.http.unusable {
+                    d.problem(
+                        format!("pools.{name}.tls"),
+                        format!("listener {} (protocol http): {why}", l.name),
+                    );
+                }
                 // pingora's connector speaks TLS to the backends in HTTP
                 // mode: it offers TLS 1.2 and 1.3 and sets ALPN itself.
                 if !tls.alpn.is_empty() {

@@ -138,22 +138,20 @@ pub struct HttpTls {
     pub ca: Option<Arc<CaType>>,
     /// The certificate and key presented to backends (mTLS).
     pub cert_key: Option<Arc<CertKey>>,
+    /// Why pingora cannot take these files (then `ca` and `cert_key` are
+    /// empty): a problem only for pools that HTTP listeners use.
+    pub unusable: Option<String>,
 }
+
+/// The CA list and the client certificate, as pingora takes them.
+type Parsed = (Option<Arc<CaType>>, Option<Arc<CertKey>>);
 
 impl HttpTls {
     /// From the CA certificates `ca` (empty: the system's) and the client
-    /// certificate, both already taken by rustls as they were loaded. The
-    /// error names a certificate pingora's X.509 parser cannot read
-    /// (pingora would panic on it).
-    pub fn new(
-        ca: &[CertificateDer<'static>],
-        certificate: Option<&Certified>,
-    ) -> Result<HttpTls, String> {
-        let parsed = |what: &str, der: &[u8]| -> Result<WrappedX509, String> {
-            x509_parser::parse_x509_certificate(der)
-                .map_err(|e| format!("{what} is not an X.509 certificate pingora can read: {e}"))?;
-            Ok(WrappedX509::new(der.to_vec(), parse_x509))
-        };
+    /// certificate, both already taken by rustls as they were loaded. A
+    /// certificate pingora's X.509 parser cannot read, or a key ring cannot
+    /// sign with (pingora would panic or fail on them), makes it `unusable`.
+    pub fn new(ca: &[CertificateDer<'static>], certificate: Option<&Certified>) -> HttpTls {
         let id = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -161,6 +159,31 @@ impl HttpTls {
             // The key matches the leaf, so the chain stands for both.
             certificate.map(|c| &c.key.cert).hash(&mut h);
             h.finish()
+        };
+        match Self::parse(ca, certificate) {
+            Ok((ca, cert_key)) => HttpTls {
+                id,
+                ca,
+                cert_key,
+                unusable: None,
+            },
+            Err(why) => HttpTls {
+                id,
+                ca: None,
+                cert_key: None,
+                unusable: Some(why),
+            },
+        }
+    }
+
+    fn parse(
+        ca: &[CertificateDer<'static>],
+        certificate: Option<&Certified>,
+    ) -> Result<Parsed, String> {
+        let parsed = |what: &str, der: &[u8]| -> Result<WrappedX509, String> {
+            x509_parser::parse_x509_certificate(der)
+                .map_err(|e| format!("{what} is not an X.509 certificate pingora can read: {e}"))?;
+            Ok(WrappedX509::new(der.to_vec(), parse_x509))
         };
         let ca = if ca.is_empty() {
             None
@@ -198,7 +221,7 @@ impl HttpTls {
                 )))
             }
         };
-        Ok(HttpTls { id, ca, cert_key })
+        Ok((ca, cert_key))
     }
 }
 

@@ -229,3 +229,46 @@ fn insecure_skip_verify_is_a_warning() {
         c.warnings
     );
 }
+
+#[test]
+fn a_client_key_pingora_cannot_sign_with_is_refused_for_http_listeners_only() {
+    // A P-521 key: rustls with aws-lc signs with it (TCP mode), ring, which
+    // pingora's connector uses in HTTP mode, does not.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-521",
+            "-nodes",
+        ])
+        .args(["-days", "30", "-subj", "/CN=client.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let pool = format!(
+        "pools: {{ app: {{ tls: {{ ca: '{c}', cert: '{c}', key: '{k}' }}, backends: ['127.0.0.1:443'] }} }}\n",
+        c = cert.display(),
+        k = key.display()
+    );
+    let tcp = format!("listeners: {{ db: {{ bind: 127.0.0.1:8443, pool: app }} }}\n{pool}");
+    assert!(problems(&tcp).is_empty(), "{:?}", problems(&tcp));
+    let http = format!(
+        "listeners: {{ web: {{ bind: 127.0.0.1:8080, pool: app, protocol: http }} }}\n{pool}"
+    );
+    let p = problems(&http);
+    assert!(
+        has(
+            &p,
+            "pools.app.tls: listener web (protocol http): the key of"
+        ) && has(&p, "cannot sign for HTTP mode's TLS (ring)"),
+        "{p:?}"
+    );
+}
