@@ -4,11 +4,11 @@
 //! members in parallel; each check (name resolution included) is bounded by
 //! `timeout`, and its result goes to the pool as soon as it arrives (the pool
 //! applies rise/fall, see [`crate::pool::core`]). `tcp` checks connect as
-//! the data path does; the other kinds speak their protocol
-//! ([`crate::check`]) and may report the backend's role. (pingora's
-//! `TcpHealthCheck` built a TLS connector, the system's CA certificates
-//! read, for every round once pingora had its `rustls` feature.) Names are resolved on
-//! every round, so a backend whose name does not resolve yet is simply down.
+//! the data path does (not with pingora's `TcpHealthCheck`: each one builds
+//! a TLS connector, reading every system CA certificate); the other kinds
+//! speak their protocol ([`crate::check`]) and may report the backend's
+//! role. Names are resolved on every round, so a backend whose name does
+//! not resolve yet is simply down.
 //! A check that fails for lack of local resources (out of file descriptors)
 //! says nothing about the backend and is not counted.
 //!
