@@ -115,9 +115,13 @@ pub struct Ctx {
     client: Option<SocketAddr>,
     clock: Option<Arc<HeaderClock>>,
     /// HTTP/1: the close of the request's backend ends the client's
-    /// connection (an HTTP/2 stream is left to end on its own: cutting the
-    /// connection would end its other streams too).
+    /// connection.
     backend_close: Option<Arc<BackendClose>>,
+    /// HTTP/2: the close of the request's backend, seen as body bytes move
+    /// either way, ends the stream alone (the connection carries others).
+    stream_close: Option<watch::Receiver<Option<CloseCause>>>,
+    /// The stream was ended because of `stream_close`.
+    stream_cut: bool,
     pool: Option<Arc<Pool>>,
     /// Backend ids tried.
     tried: Vec<usize>,
@@ -131,6 +135,26 @@ pub struct Ctx {
     status: Option<u16>,
     cause: Option<Cause>,
     refused: Option<Refused>,
+}
+
+/// An error that ends an HTTP/2 request's stream once its backend's
+/// sessions were told to close; checked as body bytes move either way (a
+/// stream whose backend sends nothing ends at `backend_timeout`).
+fn cut_stream_if_closed(ctx: &mut Ctx) -> pingora::Result<()> {
+    let closed = ctx
+        .stream_close
+        .as_ref()
+        // An error: the backend left the configuration; nothing closes it.
+        .is_some_and(|r| r.has_changed().unwrap_or(false));
+    if !closed {
+        return Ok(());
+    }
+    ctx.stream_cut = true;
+    ctx.stream_close = None;
+    Err(Error::explain(
+        ErrorType::ConnectionClosed,
+        "the backend of the request closed its sessions",
+    ))
 }
 
 /// The text of a status sluice answers itself.
@@ -275,6 +299,8 @@ impl ProxyHttp for Service {
             client: None,
             clock: None,
             backend_close: None,
+            stream_close: None,
+            stream_cut: false,
             pool: None,
             tried: Vec::new(),
             attempts_left: 0,
@@ -398,10 +424,11 @@ impl ProxyHttp for Service {
         ctx.made += 1;
         ctx.tried.push(member.backend.id());
         ctx.open = Some(member.backend.open_request());
-        if let Some(close) = &ctx.backend_close {
-            // Before the connect, as for a TCP session: a close decided
-            // while it runs still reaches this request.
-            close.watch(member.backend.watch_closing());
+        // Before the connect, as for a TCP session: a close decided while
+        // it runs still reaches this request.
+        match &ctx.backend_close {
+            Some(close) => close.watch(member.backend.watch_closing()),
+            None => ctx.stream_close = Some(member.backend.watch_closing()),
         }
         let name = match &dial {
             // Never empty: pingora skips verification without a name.
@@ -494,6 +521,26 @@ impl ProxyHttp for Service {
         Ok(())
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        cut_stream_if_closed(ctx)
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Option<Duration>> {
+        cut_stream_if_closed(ctx).map(|()| None)
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -563,10 +610,10 @@ impl ProxyHttp for Service {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        if ctx.backend_close.as_ref().is_some_and(|c| c.fired()) {
+        if ctx.stream_cut || ctx.backend_close.as_ref().is_some_and(|c| c.fired()) {
             // The backend closed its sessions (on_backend_down: close, ...):
-            // the client's connection is cut, as a TCP session would be;
-            // nothing more can be written to it.
+            // the client's connection (HTTP/2: the stream) is cut, as a TCP
+            // session would be; nothing more is written to it.
             ctx.cause = Some(
                 match ctx
                     .member

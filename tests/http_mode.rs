@@ -1195,6 +1195,92 @@ async fn on_backend_down_close_ends_requests_in_flight_and_tunnels_on_that_backe
     .await;
 }
 
+/// HTTP/2: a connection lives past `header_timeout` (the slowloris clock
+/// stops once the client speaks; it cut every HTTP/2 connection at that
+/// age before), and a backend's close ends the streams it serves, not the
+/// connection: a throttled download from a backend whose checks start
+/// failing is reset at once.
+#[tokio::test]
+async fn http2_streams_outlive_the_header_timeout_and_end_with_their_backend() {
+    let a = App::start("a", Duration::ZERO).await;
+    let pki = pki::Pki::new("http-mode-ca");
+    let leaf = pki.leaf("www", &["www.example.com"]);
+    let port = reserve_port();
+    let yaml = format!(
+        "admin: {{ bind: '{{admin}}' }}\n\
+         listeners:\n  web:\n    bind: 127.0.0.1:{port}\n    protocol: http\n    pool: app\n\
+         \x20   tls: {{ cert: '{}', key: '{}' }}\n\
+         \x20   http: {{ header_timeout: 1s }}\n\
+         pools:\n  app: {{ on_backend_down: close, health_check: {{ interval: 200ms, timeout: 150ms }}, backends: ['{}'] }}\n",
+        leaf.cert(),
+        leaf.key(),
+        a.addr
+    );
+    let s = Sluice::start(&yaml).await;
+    // 512 MiB at 2 MB/s: over four minutes unless something ends it (slow
+    // enough to stream, fast enough that what the socket buffers already
+    // hold drains in seconds once the stream is reset).
+    let mut download = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2", "--limit-rate", "2M", "-o", "/dev/null"])
+        .args(["-w", "%{http_version} %{http_code}"])
+        .arg("--cacert")
+        .arg(pki.ca())
+        .arg("--resolve")
+        .arg(format!("www.example.com:{port}:127.0.0.1"))
+        .arg(format!(
+            "https://www.example.com:{port}/bytes/{}",
+            512 << 20
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the download reaches the backend", || async {
+        a.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Three header timeouts later the download still runs (a check of
+    // elapsed time, not a wait for a state).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        download.try_wait().unwrap().is_none(),
+        "the HTTP/2 connection was cut"
+    );
+    let started = Instant::now();
+    a.close_port();
+    let status = tokio::time::timeout(Duration::from_secs(20), download.wait())
+        .await
+        .expect("the stream is ended when its backend goes down")
+        .unwrap();
+    let mut out = String::new();
+    let mut err = String::new();
+    download
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    download
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(!status.success(), "{out} {err}");
+    assert!(out.starts_with("2 200"), "over HTTP/2: {out} {err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Counted with the status the client got.
+    wait_counted(
+        &s,
+        &[("listener", "web"), ("pool", "app"), ("code", "200")],
+        1.0,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_large_upload_streams_without_growing_memory() {
     let a = App::start("a", Duration::ZERO).await;

@@ -7,7 +7,8 @@
 //! socket (plain or TLS) and fails reads once the [`HeaderClock`] runs out:
 //! the clock runs from the connect for the first request, from the first
 //! byte for later ones, and stops when a request's header is complete.
-//! Between requests it allows the keep-alive wait instead.
+//! Between requests it allows the keep-alive wait instead. An HTTP/2
+//! client must start speaking within it; then it stops for good.
 //!
 //! It also ends the connection when the backend of the request in flight
 //! closes its sessions ([`BackendClose`]: `on_backend_down: close`,
@@ -334,7 +335,15 @@ impl AsyncRead for ClientIo {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.clock.bytes_arrived();
+            if this.alpn == Some(ALPN::H2) {
+                // HTTP/2 requests never reach the hooks that stop the clock
+                // for HTTP/1 ones: once the client speaks, pingora's HTTP/2
+                // server (and its idle timeout) takes over, or the clock
+                // would cut the connection and every stream on it.
+                this.clock.stop();
+            } else {
+                this.clock.bytes_arrived();
+            }
         }
         read
     }
