@@ -740,7 +740,7 @@ impl ListenerApp {
                 || sends_proxy.is_some()
                 || log.is_some()
                 || log::log_enabled!(log::Level::Debug))
-            .then(|| client.get_ref().peer_addr().ok())
+            .then(|| peer.or_else(|| client.get_ref().peer_addr().ok()))
             .flatten(),
         };
         note(&mut log, |r| {

@@ -65,17 +65,6 @@ pub enum BackendHttp {
     Auto,
 }
 
-impl BackendHttp {
-    /// The name used in the YAML file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendHttp::Http1 => "1.1",
-            BackendHttp::Http2 => "2",
-            BackendHttp::Auto => "auto",
-        }
-    }
-}
-
 /// Decode a pool's `http_version` (`f` is the pool's mapping): `"1.1"`,
 /// `"2"` or `auto` (YAML numbers 1.1 and 2 too); `auto` needs the pool's
 /// `tls`, since only ALPN can tell.
