@@ -1249,26 +1249,15 @@ async fn http2_streams_outlive_the_header_timeout_and_end_with_their_backend() {
     );
     let started = Instant::now();
     a.close_port();
-    let status = tokio::time::timeout(Duration::from_secs(20), download.wait())
+    let done = tokio::time::timeout(Duration::from_secs(20), download.wait_with_output())
         .await
         .expect("the stream is ended when its backend goes down")
         .unwrap();
-    let mut out = String::new();
-    let mut err = String::new();
-    download
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
-    download
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let (status, out, err) = (
+        done.status,
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr),
+    );
     assert!(!status.success(), "{out} {err}");
     assert!(out.starts_with("2 200"), "over HTTP/2: {out} {err}");
     assert!(started.elapsed() < Duration::from_secs(20));

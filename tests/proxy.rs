@@ -389,14 +389,20 @@ async fn the_fast_path_reports_its_verdict_once_and_counts_each_path() {
         ("normal", "sockmap")
     };
     assert_eq!((relayed(taken), relayed(other)), (3.0, 0.0));
-    // Every byte counted on either path (the kernel's counters are read on scrape).
-    let bytes = |d| {
-        m.value(
-            "sluice_listener_bytes_total",
-            &[("listener", "front"), ("direction", d)],
-        )
-    };
-    assert_eq!((bytes("in"), bytes("out")), (24.0, 24.0));
+    // Every byte counted on either path (the kernel's counters are read on
+    // scrape; the relay counts a write once it returned, which may be just
+    // after the client read it: polled).
+    wait_until("24 bytes counted each way", || async {
+        let m = sluice.metrics().await;
+        let bytes = |d| {
+            m.value(
+                "sluice_listener_bytes_total",
+                &[("listener", "front"), ("direction", d)],
+            )
+        };
+        (bytes("in"), bytes("out")) == (24.0, 24.0)
+    })
+    .await;
     let verdicts = sluice
         .log()
         .lines()
